@@ -1,0 +1,58 @@
+# Two commands: `make train` (set up + quick-start run) and `make test` (set up + test suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+# Extra index for the CPU build of torch, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu on a machine
+# whose package index would otherwise serve the CUDA build. Empty: use pip's configured indexes/find-links.
+TORCH_INDEX ?=
+# Set CPU_ONLY=0 to allow a CUDA build of torch (GPU machines).
+CPU_ONLY ?= 1
+STAMP := $(VENV)/.lit_nas-installed
+CONFIG ?= quickstart.yaml
+
+.PHONY: setup data train test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first and alone, so nothing later pulls the CUDA build (and its nvidia-* packages).
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  $(PIP) install --no-deps "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+	  && $(PIP) install filelock typing-extensions sympy networkx jinja2 fsspec; fi
+	@# torchvision's only other dependencies are numpy and pillow; --no-deps keeps torch as installed.
+	$(PIP) install --no-deps "torchvision==0.28.0" && $(PIP) install pillow
+	$(PIP) install -e ".[dev]"
+	@if [ "$(CPU_ONLY)" = 1 ]; then $(PY) -c "import sys, torch; \
+	  sys.exit(0 if torch.version.cuda is None else 'a CUDA build of torch was installed; rerun with \
+	  TORCH_INDEX=<CPU wheel index> after rm -rf $(VENV), or set CPU_ONLY=0')"; fi
+	@if $(PIP) list 2>/dev/null | grep -qi '^nvidia-' && [ "$(CPU_ONLY)" = 1 ]; then \
+	  echo "error: nvidia-* packages were pulled into $(VENV)"; exit 1; fi
+	@touch $(STAMP)
+
+# Fashion-MNIST from Debian's package when we can install it (root + apt); otherwise say what to do.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	else echo "Fashion-MNIST is not installed. Run 'sudo apt-get install dataset-fashion-mnist', or put the IDX"; \
+	  echo "files in a directory and add '--data.init_args.root DIR' to the train command."; fi
+
+train: setup data
+	$(PY) train.py fit --config $(CONFIG)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup data
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

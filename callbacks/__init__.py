@@ -1,0 +1,7 @@
+"""Lightning callbacks that change the network while it trains (growing, pruning, surgery, distillation).
+
+Each callback lives in its own module, reaches the model only through ``lit_nas.protocol.NASModule`` and
+imports ``lit_nas`` (never the other way round).
+"""
+
+import lit_nas  # noqa: F401  (first: makes torchvision importable next to a CPU torch)

@@ -1,0 +1,329 @@
+"""The architecture as plain data.
+
+An :class:`ArchSpec` describes every shape in a multi-exit network: the stem, each residual cell's inner and
+output widths, how cells are grouped into blocks (each block ends with an exit), which exits exist, whether
+the cells are densely connected, and how many blocks are active (growing). Networks are *built* from it,
+every grow or surgery step *updates* it, and it is saved in every checkpoint so a network whose shape
+changed during training is rebuilt exactly on load.
+
+Users rarely write an ArchSpec by hand: :class:`NetConfig` is the short recipe found in YAML configs and
+:func:`NetConfig.build_spec` expands it into the full per-cell spec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the data feeds the network: channels, square input size and number of classes."""
+
+    in_channels: int
+    input_size: int
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "input_size", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DataShape.{name} must be a positive integer; got {value!r}")
+
+
+@dataclass
+class CellSpec:
+    """One basic residual cell: conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus shortcut, ReLU.
+
+    Attributes:
+        mid: output channels of the first conv (free to prune: nothing else is tied to it).
+        out: output channels of the cell (tied to the residual stream when the shortcut is an identity).
+        stride: stride of the first conv and of the shortcut (1 or 2).
+        projection: shortcut is a 1x1 conv + BN instead of an identity. Stored explicitly (not derived from
+            the widths) so that a pruned cell whose in/out widths happen to become equal keeps its weights.
+    """
+
+    mid: int
+    out: int
+    stride: int = 1
+    projection: bool = False
+
+
+@dataclass
+class ArchSpec:
+    """Full description of a multi-exit network; JSON/YAML-able.
+
+    Attributes:
+        kind: network family in the registry (see ``lit_nas.nets.NETWORKS``).
+        in_channels: image channels.
+        input_size: square image side, in pixels.
+        num_classes: classifier outputs of every exit.
+        stem_width: output channels of the 3x3 stem conv.
+        cells: every residual cell, in order.
+        block_cells: number of cells in each block; the stem belongs to block 0; an exit follows each block.
+        exits: which blocks have an exit (internal classifier). The last block's exit is the final output
+            and must exist; a baseline network has only that one.
+        active_blocks: blocks ``0..active_blocks-1`` are computed (growing activates the rest).
+        dense: every cell's first conv reads the concatenation of the stem and all earlier cell outputs
+            (average-pooled to its input resolution); the shortcut still comes from the previous cell.
+        exit_pool: internal classifiers pool feature maps down to about ``exit_pool`` x ``exit_pool`` with a
+            learned max/avg mix (SDN); the final exit pools globally.
+        version: format version of this spec.
+    """
+
+    kind: str
+    in_channels: int
+    input_size: int
+    num_classes: int
+    stem_width: int
+    cells: list[CellSpec]
+    block_cells: list[int]
+    exits: list[bool]
+    active_blocks: int
+    dense: bool = False
+    exit_pool: int = 4
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        self.cells = [c if isinstance(c, CellSpec) else CellSpec(**c) for c in self.cells]
+        self.block_cells = list(self.block_cells)
+        self.exits = list(self.exits)
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks (and of possible exits)."""
+        return len(self.block_cells)
+
+    @property
+    def num_cells(self) -> int:
+        """Number of residual cells."""
+        return len(self.cells)
+
+    def cells_of_block(self, block: int) -> range:
+        """Indices of the cells in ``block``."""
+        start = sum(self.block_cells[:block])
+        return range(start, start + self.block_cells[block])
+
+    def block_of_cell(self, cell: int) -> int:
+        """Block that holds ``cell``."""
+        for b in range(self.num_blocks):
+            if cell in self.cells_of_block(b):
+                return b
+        raise IndexError(f"cell {cell} out of range 0..{self.num_cells - 1}")
+
+    def feature_widths(self) -> list[int]:
+        """Channels of feature ``j``: 0 is the stem, ``j >= 1`` is the output of cell ``j-1``."""
+        return [self.stem_width] + [c.out for c in self.cells]
+
+    def feature_sizes(self) -> list[int]:
+        """Spatial side of feature ``j`` (same indexing as :meth:`feature_widths`)."""
+        sizes = [self.input_size]
+        for c in self.cells:
+            sizes.append(_strided(sizes[-1], c.stride))
+        return sizes
+
+    def cell_input_widths(self) -> list[int]:
+        """Input channels of each cell's first conv (the dense variant reads every earlier feature)."""
+        widths = self.feature_widths()
+        if not self.dense:
+            return widths[:-1]
+        return [sum(widths[: i + 1]) for i in range(self.num_cells)]
+
+    def exit_blocks(self, active_only: bool = True) -> list[int]:
+        """Blocks whose exit produces logits; with ``active_only`` only those currently computed."""
+        last = self.active_blocks if active_only else self.num_blocks
+        return [b for b in range(last) if self.exits[b]]
+
+    # ----------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistency."""
+        from lit_nas.nets import NETWORKS  # local import: the registry imports this module
+
+        if self.kind not in NETWORKS:
+            raise ValueError(f"unknown network kind {self.kind!r}; valid choices: {sorted(NETWORKS)}")
+        if self.version != SPEC_VERSION:
+            raise ValueError(f"ArchSpec version {self.version} is not supported (expected {SPEC_VERSION})")
+        for name in ("in_channels", "input_size", "num_classes", "stem_width", "exit_pool"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ArchSpec.{name} must be >= 1; got {getattr(self, name)}")
+        if not self.cells:
+            raise ValueError("ArchSpec.cells is empty: a network needs at least one cell")
+        prev = self.stem_width
+        size = self.input_size
+        for i, c in enumerate(self.cells):
+            if c.mid < 1 or c.out < 1:
+                raise ValueError(f"cell {i}: widths must be >= 1; got mid={c.mid}, out={c.out}")
+            if c.stride not in (1, 2):
+                raise ValueError(f"cell {i}: stride must be 1 or 2; got {c.stride}")
+            if not c.projection and (c.stride != 1 or c.out != prev):
+                raise ValueError(
+                    f"cell {i}: an identity shortcut needs stride 1 and out == input width ({prev}); got "
+                    f"stride={c.stride}, out={c.out}; set projection: true"
+                )
+            size = _strided(size, c.stride)
+            prev = c.out
+        if size < 1:
+            raise ValueError(f"input_size {self.input_size} is too small for the strides of the cells")
+        if any(n < 1 for n in self.block_cells):
+            raise ValueError(f"every block needs at least one cell; got block_cells={self.block_cells}")
+        if sum(self.block_cells) != self.num_cells:
+            raise ValueError(
+                f"block_cells {self.block_cells} sum to {sum(self.block_cells)} but there are "
+                f"{self.num_cells} cells"
+            )
+        if len(self.exits) != self.num_blocks:
+            raise ValueError(
+                f"exits has {len(self.exits)} entries; expected one per block ({self.num_blocks})"
+            )
+        if not self.exits[-1]:
+            raise ValueError("the last block's exit is the network output and must be enabled (exits[-1])")
+        if not 1 <= self.active_blocks <= self.num_blocks:
+            raise ValueError(f"active_blocks must be in 1..{self.num_blocks}; got {self.active_blocks}")
+        if not self.exits[self.active_blocks - 1]:
+            raise ValueError(
+                f"block {self.active_blocks - 1} is the last active block but has no exit: "
+                "a partially active network needs an exit after its last active block"
+            )
+
+    # ----------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (safe for ``torch.load(weights_only=True)`` and YAML/JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
+        """Inverse of :meth:`to_dict`; rejects unknown and missing keys by name."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an ArchSpec must be a mapping; got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ArchSpec keys {unknown}; valid keys: {sorted(known)}")
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"ArchSpec is missing keys {missing}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write as YAML (``.yaml``/``.yml``) or JSON (any other suffix)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = (
+            yaml.safe_dump(self.to_dict(), sort_keys=False)
+            if path.suffix in (".yaml", ".yml")
+            else json.dumps(self.to_dict(), indent=2)
+        )
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ArchSpec:
+        """Read a spec written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ArchSpec file {str(path)!r} does not exist")
+        return cls.from_dict(yaml.safe_load(path.read_text()))  # YAML is a superset of JSON
+
+
+def _strided(size: int, stride: int) -> int:
+    # 3x3 conv, padding 1: out = floor((size - 1) / stride) + 1
+    return (size - 1) // stride + 1
+
+
+@dataclass
+class NetConfig:
+    """Short recipe of a network, as written in YAML; expanded by :meth:`build_spec`.
+
+    Attributes:
+        kind: network family (``resnet_sdn``).
+        stage_widths: channels of each resolution stage; stage ``k > 0`` halves the resolution.
+        cells_per_stage: residual cells per stage.
+        exit_depths: where the blocks end, as fractions of the number of cells (the thesis: 0.3/0.6/0.8/1.0);
+            ignored when ``block_cells`` is given.
+        block_cells: explicit number of cells per block.
+        exits: ``True`` (an internal classifier after every block), ``False`` (baseline: final exit only)
+            or one flag per block.
+        dense: densely connected cells (the super-network of the thesis, section 5).
+        stem_width: stem channels; defaults to ``stage_widths[0]``.
+        exit_pool: pooled map size of the internal classifiers.
+        active_blocks: blocks active at start; defaults to all (growing sets 1).
+    """
+
+    kind: str = "resnet_sdn"
+    stage_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    cells_per_stage: list[int] = field(default_factory=lambda: [3, 3, 3])
+    exit_depths: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8, 1.0])
+    block_cells: list[int] | None = None
+    exits: bool | list[bool] = True
+    dense: bool = False
+    stem_width: int | None = None
+    exit_pool: int = 4
+    active_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.stage_widths) != len(self.cells_per_stage):
+            raise ValueError(
+                f"stage_widths {self.stage_widths} and cells_per_stage {self.cells_per_stage} must have the "
+                "same length (one entry per resolution stage)"
+            )
+        if not self.stage_widths or any(w < 1 for w in self.stage_widths):
+            raise ValueError(f"stage_widths must be positive integers; got {self.stage_widths}")
+        if any(n < 1 for n in self.cells_per_stage):
+            raise ValueError(f"cells_per_stage must be positive integers; got {self.cells_per_stage}")
+        if self.block_cells is None:
+            d = self.exit_depths
+            if not d or any(not 0 < x <= 1 for x in d) or any(b <= a for a, b in pairwise(d)) or d[-1] != 1:
+                raise ValueError(
+                    f"exit_depths must increase strictly within (0, 1] and end at 1.0; got {self.exit_depths}"
+                )
+
+    def build_spec(self, shape: DataShape) -> ArchSpec:
+        """Expand into a full :class:`ArchSpec` for data of the given shape."""
+        cells: list[CellSpec] = []
+        prev = self.stem_width or self.stage_widths[0]
+        for stage, (width, n) in enumerate(zip(self.stage_widths, self.cells_per_stage)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                cells.append(
+                    CellSpec(mid=width, out=width, stride=stride, projection=stride != 1 or prev != width)
+                )
+                prev = width
+        n_cells = len(cells)
+        if self.block_cells is not None:
+            block_cells = list(self.block_cells)
+        else:
+            ends = [round(x * n_cells) for x in self.exit_depths]
+            if any(b <= a for a, b in zip([0, *ends], ends)):
+                raise ValueError(
+                    f"exit_depths {self.exit_depths} put two exits after the same cell of a {n_cells}-cell "
+                    "network; use fewer exits or give block_cells explicitly"
+                )
+            block_cells = [b - a for a, b in zip([0, *ends], ends)]
+        n_blocks = len(block_cells)
+        if isinstance(self.exits, bool):
+            exits = [True] * n_blocks if self.exits else [False] * (n_blocks - 1) + [True]
+        else:
+            exits = list(self.exits)
+        return ArchSpec(
+            kind=self.kind,
+            in_channels=shape.in_channels,
+            input_size=shape.input_size,
+            num_classes=shape.num_classes,
+            stem_width=self.stem_width or self.stage_widths[0],
+            cells=cells,
+            block_cells=block_cells,
+            exits=exits,
+            active_blocks=self.active_blocks or n_blocks,
+            dense=self.dense,
+            exit_pool=self.exit_pool,
+        )

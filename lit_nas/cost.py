@@ -1,0 +1,77 @@
+"""Parameter and FLOP counts per block and per exit.
+
+FLOPs are what :class:`torch.utils.flop_counter.FlopCounterMode` counts for one image (2 per multiply-add of
+convolutions and matrix products; BN, ReLU and pooling are not counted), measured block by block on a real
+forward pass instead of hand-counted, so any network in the registry is covered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lit_nas.nets.base import MultiExitNet
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """Per-block and per-exit costs of one image.
+
+    Attributes:
+        block_flops: FLOPs of each block (the stem is in block 0).
+        exit_flops: FLOPs of each exit head, keyed by block index.
+        block_params: parameters of each block.
+        exit_params: parameters of each exit head, keyed by block index.
+    """
+
+    block_flops: list[int]
+    exit_flops: dict[int, int]
+    block_params: list[int]
+    exit_params: dict[int, int]
+
+    def flops_to_exit(self, exit_block: int, with_heads: list[int] | None = None) -> int:
+        """FLOPs of blocks ``0..exit_block`` plus the heads in ``with_heads`` (default: that exit's)."""
+        heads = [exit_block] if with_heads is None else with_heads
+        return sum(self.block_flops[: exit_block + 1]) + sum(self.exit_flops[h] for h in heads)
+
+    def early_exit_costs(self, exits: list[int]) -> list[int]:
+        """Cost of stopping at each of ``exits``: its blocks plus every head evaluated on the way."""
+        return [self.flops_to_exit(e, [h for h in exits if h <= e]) for e in exits]
+
+    @property
+    def total_params(self) -> int:
+        """All parameters of all blocks and exits."""
+        return sum(self.block_params) + sum(self.exit_params.values())
+
+
+@torch.no_grad()
+def count_costs(net: MultiExitNet) -> CostReport:
+    """Measure FLOPs and parameters of every block and exit of ``net`` (all blocks, active or not)."""
+    spec = net.spec
+    param = next(net.parameters())
+    x = torch.zeros(
+        1, spec.in_channels, spec.input_size, spec.input_size, device=param.device, dtype=param.dtype
+    )
+    was_training = net.training
+    net.eval()  # no BN statistics update
+    try:
+        feats: list[torch.Tensor] = []
+        block_flops, exit_flops = [], {}
+        for b in range(spec.num_blocks):
+            with FlopCounterMode(display=False) as counter:
+                feats = net.run_block(b, feats, x)
+            block_flops.append(int(counter.get_total_flops()))
+            if str(b) in net.exits:
+                with FlopCounterMode(display=False) as counter:
+                    net.run_exit(b, feats)
+                exit_flops[b] = int(counter.get_total_flops())
+    finally:
+        net.train(was_training)
+    return CostReport(
+        block_flops=block_flops,
+        exit_flops=exit_flops,
+        block_params=[sum(p.numel() for p in blk.parameters()) for blk in net.blocks],
+        exit_params={int(k): sum(p.numel() for p in h.parameters()) for k, h in net.exits.items()},
+    )

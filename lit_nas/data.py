@@ -1,0 +1,357 @@
+"""Datasets as in-memory uint8 tensors, augmented per batch on the training device.
+
+Every datamodule keeps the whole dataset as ``uint8`` tensors (Fashion-MNIST: 47 MB, CIFAR-10: 180 MB), so a
+batch is one indexing operation; conversion to float, the thesis augmentation (4-pixel reflect pad, random
+crop, horizontal flip) and per-channel normalisation with training-split statistics run on the batch after
+it reaches the device (``on_after_batch_transfer``), where they are cheap.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lit_nas.arch import DataShape
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset is not on disk and could not be downloaded; the message says how to get it."""
+
+
+# -- batch transforms (pure functions) ------------------------------------------------------------------
+def random_crop_flip(
+    x: Tensor, pad: int, flip: bool = True, generator: torch.Generator | None = None
+) -> Tensor:
+    """Reflect-pad by ``pad``, crop back to the input size at a random offset per image, random h-flip.
+
+    Args:
+        x: images ``(B, C, H, W)``, any dtype.
+        pad: padding on each side (the thesis: 4).
+        flip: also flip each image horizontally with probability 1/2.
+        generator: random source (defaults to torch's global one).
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        padded = torch.nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
+        oy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+        ox = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+        bi = torch.arange(b, device=dev)[:, None, None, None]
+        ci = torch.arange(c, device=dev)[None, :, None, None]
+        x = padded[bi, ci, rows, cols]
+    if flip:
+        mask = torch.rand(b, device=dev, generator=generator) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 images to float, standardised per channel: ``(x / 255 - mean) / std``."""
+    return (x.float().div_(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+class _InMemory(Dataset):
+    """uint8 images and labels; ``__getitems__`` returns a whole batch with one indexing operation."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        t = torch.as_tensor(idx)
+        return self.x[t], self.y[t]
+
+
+def _as_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return batch  # __getitems__ already stacked the batch
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base datamodule: train/val split of the training set, a separate test set, on-device augmentation.
+
+    Subclasses define ``SHAPE`` (or override :attr:`data_shape`) and :meth:`load_arrays`.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: ``2 * batch_size``).
+        val_size: images held out of the training set for validation (fixed seed).
+        split_seed: seed of the train/val split.
+        augment: random crop (reflect pad ``crop_pad``) and horizontal flip on training batches.
+        crop_pad: padding of the random crop.
+        num_workers: DataLoader workers (0 is right: batches are single indexing operations).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        augment: bool = True,
+        crop_pad: int = 4,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0; got {val_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.augment = augment
+        self.crop_pad = crop_pad
+        self.num_workers = num_workers
+        self.mean: Tensor | None = None
+        self.std: Tensor | None = None
+        self._splits: dict[str, _InMemory] = {}
+
+    SHAPE: DataShape
+
+    @property
+    def data_shape(self) -> DataShape:
+        """Shape of the images and number of classes (known before any data is read)."""
+        return self.SHAPE
+
+    def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return ``train_x, train_y, test_x, test_y``: uint8 ``(N, C, H, W)`` images and int64 labels."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load once, split train/val with a fixed seed, compute the normalisation statistics."""
+        if self._splits:
+            return
+        train_x, train_y, test_x, test_y = self.load_arrays()
+        if self.val_size >= len(train_y):
+            raise ValueError(
+                f"val_size={self.val_size} leaves no training data (training set: {len(train_y)})"
+            )
+        perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, tr_idx = perm[: self.val_size], perm[self.val_size :]
+        self._splits = {
+            "train": _InMemory(train_x[tr_idx], train_y[tr_idx]),
+            "val": _InMemory(train_x[val_idx], train_y[val_idx]),
+            "test": _InMemory(test_x, test_y),
+        }
+        tr = self._splits["train"].x.float().div_(255)
+        self.mean = tr.mean(dim=(0, 2, 3))
+        self.std = tr.std(dim=(0, 2, 3)).clamp_min(1e-6)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self._splits[split]
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            drop_last=split == "train" and len(ds) > self.batch_size,
+            collate_fn=_as_batch,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("test", shuffle=False)
+
+    def prepare_batch(self, batch: tuple[Tensor, Tensor], train: bool) -> tuple[Tensor, Tensor]:
+        """uint8 batch on the device -> augmented (if ``train``) and normalised float batch."""
+        x, y = batch
+        if self.mean is None or self.std is None:
+            raise RuntimeError(
+                "call setup() before prepare_batch(): normalisation statistics are not known yet"
+            )
+        if train and self.augment:
+            x = random_crop_flip(x, self.crop_pad)
+        return normalize(x, self.mean.to(x.device), self.std.to(x.device)), y
+
+    def on_after_batch_transfer(
+        self, batch: tuple[Tensor, Tensor], dataloader_idx: int
+    ) -> tuple[Tensor, Tensor]:
+        """Augment and normalise on the training device."""
+        training = self.trainer is not None and self.trainer.training
+        return self.prepare_batch(batch, train=training)
+
+
+# -- Fashion-MNIST ----------------------------------------------------------------------------------------
+def read_idx(path: Path) -> Tensor:
+    """Read an IDX file (MNIST format), gzipped or not, into a uint8 tensor."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path} is not a uint8 IDX file (magic {data[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem, f"{stem}.gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+class FashionMNISTDataModule(ImageDataModule):
+    """Fashion-MNIST (60k train, 10k test, 1x28x28, 10 classes).
+
+    Looked up in this order: ``root`` (IDX files, gzipped or not, directly inside it or in torchvision's
+    ``FashionMNIST/raw`` layout), Debian's ``dataset-fashion-mnist`` package
+    (``/usr/share/datasets/fashion-mnist``), then a torchvision download into ``root`` if ``download``.
+
+    Args:
+        root: directory holding the dataset (or where to download it).
+        download: allow downloading with torchvision when it is not found locally.
+        **kwargs: see :class:`ImageDataModule`.
+    """
+
+    SHAPE = DataShape(1, 28, 10)
+
+    def __init__(self, root: str | None = None, download: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.download = download
+
+    def _candidates(self) -> list[Path]:
+        dirs = []
+        if self.root:
+            dirs += [Path(self.root), Path(self.root) / "FashionMNIST" / "raw"]
+        dirs.append(DEBIAN_FASHION_MNIST)
+        return dirs
+
+    def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: D102
+        for d in self._candidates():
+            files = {k: _find_idx(d, stem) for k, stem in FASHION_FILES.items()}
+            if all(files.values()):
+                t = {k: read_idx(p) for k, p in files.items()}  # type: ignore[arg-type]
+                return t["train_x"][:, None], t["train_y"].long(), t["test_x"][:, None], t["test_y"].long()
+        if self.download and self.root:
+            from torchvision.datasets import FashionMNIST
+
+            try:
+                tr = FashionMNIST(self.root, train=True, download=True)
+                te = FashionMNIST(self.root, train=False, download=True)
+            except Exception as err:  # network errors come in many types
+                raise DatasetNotFoundError(f"{self._missing_message()} The download failed: {err}") from err
+            return tr.data[:, None], tr.targets.long(), te.data[:, None], te.targets.long()
+        raise DatasetNotFoundError(self._missing_message())
+
+    def _missing_message(self) -> str:
+        where = ", ".join(str(d) for d in self._candidates())
+        return (
+            f"Fashion-MNIST not found (looked in: {where}). Get it with `apt-get install "
+            "dataset-fashion-mnist` (Debian/Ubuntu, offline), or put the four IDX files "
+            f"({', '.join(FASHION_FILES.values())}, optionally .gz) in a directory and pass "
+            "--data.init_args.root DIR, or pass --data.init_args.download true with a root to download them."
+        )
+
+
+# -- CIFAR-10 -----------------------------------------------------------------------------------------------
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10 through torchvision (50k train split 45k/5k, 10k test, 3x32x32), thesis augmentation.
+
+    Args:
+        root: torchvision root (holds ``cifar-10-batches-py``).
+        download: let torchvision download it when it is not in ``root``.
+        **kwargs: see :class:`ImageDataModule`.
+    """
+
+    SHAPE = DataShape(3, 32, 10)
+
+    def __init__(self, root: str = "data", download: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.download = download
+
+    def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: D102
+        from torchvision.datasets import CIFAR10
+
+        try:
+            tr = CIFAR10(self.root, train=True, download=self.download)
+            te = CIFAR10(self.root, train=False, download=self.download)
+        except Exception as err:  # torchvision raises RuntimeError when missing, URLError etc. offline
+            raise DatasetNotFoundError(
+                f"CIFAR-10 not found in {self.root!r}/cifar-10-batches-py ({err}). Download the python "
+                "version (cifar-10-python.tar.gz) on a machine with internet, extract it under that root, "
+                "and pass --data.init_args.root DIR; or run with --data.init_args.download true when online."
+            ) from err
+
+        def to_tensor(ds: CIFAR10) -> tuple[Tensor, Tensor]:
+            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, uint8
+            return x, torch.as_tensor(ds.targets, dtype=torch.long)
+
+        return (*to_tensor(tr), *to_tensor(te))
+
+
+# -- synthetic ----------------------------------------------------------------------------------------------
+class SyntheticDataModule(ImageDataModule):
+    """Random but learnable images for fast tests: each class is a fixed random template plus noise.
+
+    Args:
+        num_train: training images (before the validation split).
+        num_test: test images.
+        in_channels: image channels.
+        input_size: image side.
+        num_classes: classes.
+        noise: standard deviation of the per-pixel noise, in uint8 units.
+        seed: seed of templates and noise.
+        **kwargs: see :class:`ImageDataModule` (``val_size`` defaults to 10% here).
+    """
+
+    def __init__(
+        self,
+        num_train: int = 512,
+        num_test: int = 256,
+        in_channels: int = 3,
+        input_size: int = 32,
+        num_classes: int = 10,
+        noise: float = 40.0,
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("val_size", num_train // 10)
+        super().__init__(**kwargs)
+        self.num_train, self.num_test, self.noise, self.seed = num_train, num_test, noise, seed
+        self._shape = DataShape(in_channels, input_size, num_classes)
+
+    @property
+    def data_shape(self) -> DataShape:  # noqa: D102
+        return self._shape
+
+    def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: D102
+        g = torch.Generator().manual_seed(self.seed)
+        s = self._shape
+        templates = torch.rand(s.num_classes, s.in_channels, s.input_size, s.input_size, generator=g) * 255
+
+        def draw(n: int) -> tuple[Tensor, Tensor]:
+            y = torch.randint(0, s.num_classes, (n,), generator=g)
+            x = templates[y] + self.noise * torch.randn(n, *templates.shape[1:], generator=g)
+            return x.clamp(0, 255).to(torch.uint8), y
+
+        return (*draw(self.num_train), *draw(self.num_test))

@@ -1,0 +1,311 @@
+"""``MultiExitModule``: the single LightningModule of lit_nas.
+
+It trains a multi-exit network on the weighted sum of its active exits' cross-entropies, logs per-exit
+metrics, evaluates confidence-threshold early exit at test time, and keeps the architecture (an
+:class:`~lit_nas.arch.ArchSpec`) in every checkpoint so that a network changed by callbacks (growing,
+surgery) is rebuilt exactly when loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_nas.arch import ArchSpec, DataShape, NetConfig
+from lit_nas.cost import CostReport, count_costs
+from lit_nas.early_exit import EarlyExitResult, early_exit, format_table
+from lit_nas.nets import build_net
+from lit_nas.nets.base import ChannelGroup, ExitLogits, MultiExitNet
+from lit_nas.objectives import ExitLossConfig, exit_weights, multi_exit_loss
+from lit_nas.optim import LRScheduleConfig, OptimizerConfig
+from lit_nas.protocol import LossTerm
+
+log = logging.getLogger(__name__)
+
+#: Checkpoint key of the architecture.
+ARCH_KEY = "lit_nas_arch_spec"
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+STAGES = ("train", "val", "test")
+
+
+class CheckpointArchError(RuntimeError):
+    """A checkpoint's architecture entry is missing or unreadable."""
+
+
+def _coerce(cls: type, value: Any) -> Any:
+    # Hyper-parameters are stored as plain dicts (weights_only-safe); rebuild the dataclass on load.
+    return cls(**value) if isinstance(value, Mapping) else value
+
+
+class MultiExitModule(L.LightningModule):
+    """Trains a multi-exit network: one loss, per-exit metrics, early-exit evaluation.
+
+    Args:
+        net: recipe of the network (ignored when ``arch_spec`` is given).
+        arch_spec: path to a saved :class:`ArchSpec` (YAML/JSON) to train instead of ``net``.
+        data_shape: input channels, size and classes; linked from the datamodule by the CLI.
+        exit_loss: weighting of the exits' losses.
+        optimizer: optimizer settings.
+        lr_schedule: learning-rate schedule (per epoch).
+        thresholds: early-exit confidence thresholds reported at test time.
+    """
+
+    def __init__(
+        self,
+        net: NetConfig | None = None,
+        arch_spec: str | None = None,
+        data_shape: DataShape | None = None,
+        exit_loss: ExitLossConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        lr_schedule: LRScheduleConfig | None = None,
+        thresholds: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        net = _coerce(NetConfig, net) or NetConfig()
+        data_shape = _coerce(DataShape, data_shape)
+        self.exit_loss = _coerce(ExitLossConfig, exit_loss) or ExitLossConfig()
+        self.optimizer_config = _coerce(OptimizerConfig, optimizer) or OptimizerConfig()
+        self.lr_schedule_config = _coerce(LRScheduleConfig, lr_schedule) or LRScheduleConfig()
+        self.thresholds = list(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
+        if any(not 0 <= q <= 1 for q in self.thresholds):
+            raise ValueError(f"early-exit thresholds must lie in [0, 1]; got {self.thresholds}")
+        if arch_spec is not None:
+            spec = ArchSpec.load(arch_spec)
+            if (
+                data_shape is not None
+                and DataShape(spec.in_channels, spec.input_size, spec.num_classes) != data_shape
+            ):
+                raise ValueError(f"ArchSpec {arch_spec!r} was built for other data than {data_shape}")
+        elif data_shape is None:
+            raise ValueError(
+                "MultiExitModule needs data_shape (in_channels, input_size, num_classes); the CLI links it "
+                "from the datamodule, in Python pass e.g. DataShape(1, 28, 10)"
+            )
+        else:
+            spec = net.build_spec(data_shape)
+        self.exit_loss.check(spec.num_blocks)
+        # Plain data only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "net": asdict(net),
+                "arch_spec": arch_spec,
+                "data_shape": asdict(data_shape) if data_shape else None,
+                "exit_loss": asdict(self.exit_loss),
+                "optimizer": asdict(self.optimizer_config),
+                "lr_schedule": asdict(self.lr_schedule_config),
+                "thresholds": self.thresholds,
+            }
+        )
+        self.net: MultiExitNet = build_net(spec)
+        self._loss_terms: dict[str, LossTerm] = {}
+        self._build_metrics()
+        self._test_records: list[tuple[Tensor, Tensor]] = []
+        self.early_exit_results: list[EarlyExitResult] = []
+
+    # -- the protocol callbacks use (lit_nas.protocol.NASModule) ----------------------------------------
+    @property
+    def arch_spec(self) -> ArchSpec:
+        """The current architecture."""
+        return self.net.spec
+
+    def set_arch_spec(self, spec: ArchSpec, rebuild: bool = False) -> None:
+        """Record a changed architecture.
+
+        Args:
+            spec: the new architecture; it must describe the current weights unless ``rebuild``.
+            rebuild: build a fresh network from ``spec`` (new parameters, same device and dtype).
+        """
+        spec.validate()
+        if rebuild:
+            ref = next(self.net.parameters())
+            self.net = build_net(spec).to(device=ref.device, dtype=ref.dtype)
+        else:
+            self.net.spec = spec
+        if set(self.metrics) != set(self._metric_keys()):
+            self._build_metrics()
+
+    @property
+    def active_blocks(self) -> int:
+        """Number of blocks currently computed."""
+        return self.arch_spec.active_blocks
+
+    def set_active_blocks(self, n: int) -> None:
+        """Activate blocks ``0..n-1``; the spec (and so the checkpoint) records it."""
+        spec = ArchSpec.from_dict({**self.arch_spec.to_dict(), "active_blocks": n})
+        self.net.spec = spec
+
+    def prunable_weights(self, include_exits: bool = False) -> dict[int, dict[str, nn.Parameter]]:
+        """Conv/linear weights per block, named relative to the module (``net.blocks.0...``)."""
+        return {
+            b: {f"net.{k}": p for k, p in ws.items()}
+            for b, ws in self.net.prunable_weights(include_exits).items()
+        }
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """Channel groups of the network (module names relative to ``self.net``)."""
+        return self.net.channel_groups()
+
+    def add_loss_term(self, name: str, fn: LossTerm) -> None:
+        """Add ``fn(images, targets, outputs)`` to the training loss; logged as ``name``."""
+        if name in self._loss_terms:
+            raise ValueError(f"a loss term named {name!r} is already registered")
+        self._loss_terms[name] = fn
+
+    def remove_loss_term(self, name: str) -> None:
+        """Remove a loss term added with :meth:`add_loss_term` (no error if absent)."""
+        self._loss_terms.pop(name, None)
+
+    def costs(self) -> CostReport:
+        """FLOPs and parameters per block and exit of the current network."""
+        return count_costs(self.net)
+
+    # -- computation ------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> ExitLogits:
+        """Logits of every active exit."""
+        return self.net(x)
+
+    def _metric_keys(self) -> list[str]:
+        # Keys cannot be "train" (an nn.Module attribute), hence "<stage>_exit<b>".
+        return [f"{stage}_exit{b}" for stage in STAGES for b in self.arch_spec.exit_blocks(active_only=False)]
+
+    def _build_metrics(self) -> None:
+        n_cls = self.arch_spec.num_classes
+        metrics = {k: MulticlassAccuracy(n_cls, average="micro") for k in self._metric_keys()}
+        self.metrics = nn.ModuleDict(metrics).to(self.device)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, ExitLogits]:
+        x, y = batch
+        out = self(x)
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else 1
+        weights = exit_weights(
+            self.exit_loss, self.arch_spec.num_blocks, out.exits, self.current_epoch, max_epochs or 1
+        )
+        loss, per_exit = multi_exit_loss(out, y, weights)
+        on_step = stage == "train"
+        for e, logits in out.items():
+            metric = self.metrics[f"{stage}_exit{e}"]
+            metric.update(logits.detach(), y)
+            self.log(f"{stage}/acc_exit{e}", metric, on_step=False, on_epoch=True)
+            self.log(f"{stage}/loss_exit{e}", per_exit[e].detach(), on_step=False, on_epoch=True)
+        if stage != "train":
+            final = self.metrics[f"{stage}_exit{out.exits[-1]}"]
+            self.log(f"{stage}/acc", final, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True)
+        return loss, out
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Weighted exit losses plus every registered loss term."""
+        loss, out = self._shared_step(batch, "train")
+        for name, term in self._loss_terms.items():
+            value = term(batch[0], batch[1], out)
+            self.log(name, value.detach(), on_step=True, on_epoch=True)
+            loss = loss + value
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Per-exit loss and accuracy on the validation split."""
+        self._shared_step(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        """Reset the per-sample records used for early exit."""
+        self._test_records = []
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Per-exit metrics, plus each sample's confidence and correctness at every exit."""
+        _, out = self._shared_step(batch, "test")
+        probs = torch.stack([lg.softmax(dim=1) for lg in out.logits], dim=1)  # (B, E, classes)
+        conf, pred = probs.max(dim=2)
+        self._test_records.append((conf, pred == batch[1][:, None]))
+
+    def on_test_epoch_end(self) -> None:
+        """Early-exit accuracy and cost at every threshold, logged as ``test/early_exit/...``."""
+        if not self._test_records:
+            return
+        conf = torch.cat([c for c, _ in self._test_records])
+        correct = torch.cat([k for _, k in self._test_records])
+        self._test_records = []
+        if self.trainer.world_size > 1:
+            conf = self.all_gather(conf).flatten(0, 1)
+            correct = self.all_gather(correct).flatten(0, 1)
+        exits = tuple(self.arch_spec.exit_blocks())
+        costs = self.costs()
+        reference = sum(costs.block_flops[: exits[-1] + 1]) + costs.exit_flops[exits[-1]]
+        self.early_exit_results = early_exit(
+            conf.cpu(), correct.cpu(), costs.early_exit_costs(list(exits)), reference, self.thresholds
+        )
+        for r in self.early_exit_results:
+            tag = f"q{r.threshold:g}"
+            self.log(f"test/early_exit/acc_{tag}", r.accuracy, rank_zero_only=True)
+            self.log(f"test/early_exit/cost_fraction_{tag}", r.cost_fraction, rank_zero_only=True)
+            self.log(f"test/early_exit/mflops_{tag}", r.avg_flops / 1e6, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            table = format_table(self.early_exit_results, exits)
+            print(f"\nEarly exit on the test set (reference cost {reference / 1e6:.2f} MFLOPs):\n{table}")
+            self._log_early_exit_table(exits)
+
+    def _log_early_exit_table(self, exits: tuple[int, ...]) -> None:
+        from lightning.pytorch.loggers import WandbLogger  # local: wandb is optional at import time
+
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                columns = ["q", "accuracy", "mflops", "cost_fraction"] + [f"frac_exit{e}" for e in exits]
+                data = [
+                    [r.threshold, r.accuracy, r.avg_flops / 1e6, r.cost_fraction, *r.exit_fractions]
+                    for r in self.early_exit_results
+                ]
+                logger.log_table("test/early_exit_table", columns=columns, data=data)
+
+    # -- optimization -----------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameters with and without weight decay (opt out with ``p.no_weight_decay = True``)."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            (no_decay if getattr(p, "no_weight_decay", False) else decay).append(p)
+        groups = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Optimizer over every parameter (inactive blocks receive no gradient and are skipped by it)."""
+        opt = self.optimizer_config.build(self.param_groups())
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else 0
+        sched = self.lr_schedule_config.build(opt, max_epochs or 0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the architecture next to the weights."""
+        checkpoint[ARCH_KEY] = self.arch_spec.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the network from the checkpoint's architecture before its weights are loaded."""
+        if ARCH_KEY not in checkpoint:
+            raise CheckpointArchError(
+                f"checkpoint has no {ARCH_KEY!r} entry, so its architecture is unknown; it was not written "
+                "by lit_nas.MultiExitModule (keys present: "
+                f"{sorted(k for k in checkpoint if isinstance(k, str))})"
+            )
+        try:
+            spec = ArchSpec.from_dict(checkpoint[ARCH_KEY])
+        except (TypeError, ValueError) as err:
+            raise CheckpointArchError(f"checkpoint's {ARCH_KEY!r} entry is corrupt: {err}") from err
+        if spec != self.arch_spec:
+            log.info("rebuilding the network from the checkpoint's ArchSpec")
+            self.set_arch_spec(spec, rebuild=True)
+
+    @classmethod
+    def spec_from_checkpoint(cls, path: str | Path) -> ArchSpec:
+        """Read only the architecture of a checkpoint (loaded with ``weights_only=True``)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ARCH_KEY not in ckpt:
+            raise CheckpointArchError(f"{str(path)!r} has no {ARCH_KEY!r} entry")
+        return ArchSpec.from_dict(ckpt[ARCH_KEY])

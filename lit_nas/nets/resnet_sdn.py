@@ -1,0 +1,180 @@
+"""CIFAR-style ResNet split into blocks that each end with an SDN internal classifier.
+
+Plain variant (``dense=False``): stem 3x3 conv -> basic residual cells -> exits after each block.
+Dense variant (``dense=True``, the super-network of the Inria thesis, section 5): the first conv of every
+cell reads the concatenation of the stem output and *all* earlier cell outputs, each average-pooled down to
+the cell's input resolution. The residual shortcut still comes from the previous cell only, so the plain
+ResNet is the sub-network in which every extra (dense) input slice is pruned away; pruning those slices is
+the architecture search.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lit_nas.arch import ArchSpec, CellSpec
+from lit_nas.nets.base import ChannelGroup, ChannelSlice, DenseSource, ExitHead, MultiExitNet
+
+
+class Stem(nn.Module):
+    """3x3 conv -> BN -> ReLU."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C_in, H, W) -> (B, width, H, W)``."""
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class BasicCell(nn.Module):
+    """Residual cell: conv3x3(stride)-BN-ReLU-conv3x3-BN, plus identity or 1x1-conv-BN shortcut, ReLU."""
+
+    def __init__(self, in_channels: int, residual_channels: int, spec: CellSpec) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, spec.mid, 3, stride=spec.stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(spec.mid)
+        self.conv2 = nn.Conv2d(spec.mid, spec.out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(spec.out)
+        self.shortcut: nn.Module = nn.Identity()
+        if spec.projection:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(residual_channels, spec.out, 1, stride=spec.stride, bias=False),
+                nn.BatchNorm2d(spec.out),
+            )
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``x`` feeds conv1 (the concatenation in the dense variant); ``residual`` feeds the shortcut."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(residual))
+
+
+class Block(nn.Module):
+    """Consecutive cells (block 0 also owns the stem)."""
+
+    def __init__(self, cells: list[BasicCell], stem: Stem | None = None) -> None:
+        super().__init__()
+        self.stem = stem
+        self.cells = nn.ModuleList(cells)
+
+
+class ResNetSDN(MultiExitNet):
+    """Multi-exit ResNet (optionally densely connected) built from an :class:`ArchSpec`."""
+
+    def __init__(self, spec: ArchSpec) -> None:
+        super().__init__(spec)
+        widths = spec.feature_widths()
+        in_widths = spec.cell_input_widths()
+        sizes = spec.feature_sizes()
+        blocks = []
+        for b in range(spec.num_blocks):
+            cells = [BasicCell(in_widths[i], widths[i], spec.cells[i]) for i in spec.cells_of_block(b)]
+            blocks.append(Block(cells, Stem(spec.in_channels, spec.stem_width) if b == 0 else None))
+        self.blocks = nn.ModuleList(blocks)
+        self.exits = nn.ModuleDict()
+        for b in range(spec.num_blocks):
+            if spec.exits[b]:
+                feat = spec.cells_of_block(b)[-1] + 1
+                final = b == spec.num_blocks - 1
+                self.exits[str(b)] = ExitHead(
+                    widths[feat],
+                    sizes[feat],
+                    spec.num_classes,
+                    pool_to=1 if final else spec.exit_pool,
+                    mixed=not final,
+                )
+        # Pooling factor from each feature down to each cell's input resolution (dense variant only).
+        self._sizes = sizes
+
+    def run_block(self, block: int, feats: list[Tensor], x: Tensor | None = None) -> list[Tensor]:
+        """Append the outputs of ``block``'s cells to ``feats`` (a new list; the input is not modified)."""
+        mod = self.blocks[block]
+        feats = list(feats)
+        if mod.stem is not None:
+            feats.append(mod.stem(x))
+        for cell in mod.cells:
+            prev = feats[-1]
+            inp = self._dense_input(feats) if self.spec.dense else prev
+            feats.append(cell(inp, prev))
+        return feats
+
+    def _dense_input(self, feats: list[Tensor]) -> Tensor:
+        size = feats[-1].shape[-1]
+        pooled = [
+            f if f.shape[-1] == size else nn.functional.avg_pool2d(f, f.shape[-1] // size) for f in feats
+        ]
+        return torch.cat(pooled, dim=1)
+
+    # -- introspection ----------------------------------------------------------------------------------
+    def _cell_name(self, cell: int) -> str:
+        b = self.spec.block_of_cell(cell)
+        return f"blocks.{b}.cells.{cell - self.spec.cells_of_block(b).start}"
+
+    def dense_sources(self, cell: int) -> list[DenseSource]:
+        """Input slices of ``cell``'s conv1: every earlier feature (dense) or the previous one (plain)."""
+        widths = self.spec.feature_widths()
+        feats = range(cell + 1) if self.spec.dense else [cell]
+        out, start = [], 0
+        for j in feats:
+            out.append(DenseSource("stem" if j == 0 else f"cell{j - 1}", j, start, start + widths[j]))
+            start += widths[j]
+        return out
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """Per-cell inner widths, then residual streams (features tied by identity shortcuts)."""
+        spec = self.spec
+        groups = []
+        for i, c in enumerate(spec.cells):
+            name = self._cell_name(i)
+            groups.append(
+                ChannelGroup(
+                    name=f"cell{i}.mid",
+                    size=c.mid,
+                    producers=(ChannelSlice(f"{name}.conv1", 0), ChannelSlice(f"{name}.bn1", 0)),
+                    consumers=(ChannelSlice(f"{name}.conv2", 1),),
+                )
+            )
+        # Union features tied by identity shortcuts into streams.
+        stream_of = [0]
+        for c in spec.cells:
+            stream_of.append(stream_of[-1] if not c.projection else stream_of[-1] + 1)
+        producers: dict[int, list[ChannelSlice]] = {}
+        consumers: dict[int, list[ChannelSlice]] = {}
+        for j, s in enumerate(stream_of):
+            prod = producers.setdefault(s, [])
+            if j == 0:
+                prod += [ChannelSlice("blocks.0.stem.conv", 0), ChannelSlice("blocks.0.stem.bn", 0)]
+            else:
+                name = self._cell_name(j - 1)
+                prod += [ChannelSlice(f"{name}.conv2", 0), ChannelSlice(f"{name}.bn2", 0)]
+                if spec.cells[j - 1].projection:
+                    prod += [ChannelSlice(f"{name}.shortcut.0", 0), ChannelSlice(f"{name}.shortcut.1", 0)]
+        for i in range(spec.num_cells):
+            name = self._cell_name(i)
+            for src in self.dense_sources(i):
+                consumers.setdefault(stream_of[src.feature], []).append(
+                    ChannelSlice(f"{name}.conv1", 1, start=src.start)
+                )
+            if spec.cells[i].projection:
+                consumers.setdefault(stream_of[i], []).append(ChannelSlice(f"{name}.shortcut.0", 1))
+        for key, head in self.exits.items():
+            feat = spec.cells_of_block(int(key))[-1] + 1
+            consumers.setdefault(stream_of[feat], []).append(
+                ChannelSlice(f"exits.{key}.linear", 1, per_channel=head.out_size**2)
+            )
+        widths = spec.feature_widths()
+        for s in sorted(producers):
+            j = stream_of.index(s)
+            groups.append(
+                ChannelGroup(
+                    name=f"stream{s}",
+                    size=widths[j],
+                    producers=tuple(producers[s]),
+                    consumers=tuple(consumers.get(s, ())),
+                )
+            )
+        return groups

@@ -1,0 +1,88 @@
+"""The small typed surface through which callbacks reach the model.
+
+Callbacks never poke at layer names or private attributes: they call these members, and check in ``setup``
+that the LightningModule they were given has them (:func:`require_nas_module`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from lit_nas.arch import ArchSpec
+from lit_nas.nets.base import ChannelGroup, ExitLogits, MultiExitNet
+
+#: An extra loss term: ``fn(images, targets, outputs) -> scalar``, added to the training loss every step.
+LossTerm = Callable[[Tensor, Tensor, ExitLogits], Tensor]
+
+
+@runtime_checkable
+class NASModule(Protocol):
+    """What a LightningModule offers to lit_nas callbacks (implemented by ``MultiExitModule``)."""
+
+    net: MultiExitNet
+
+    @property
+    def arch_spec(self) -> ArchSpec:
+        """The current architecture (saved in every checkpoint)."""
+        ...
+
+    def set_arch_spec(self, spec: ArchSpec, rebuild: bool = False) -> None:
+        """Record a changed architecture; ``rebuild`` builds a fresh network from it (new weights)."""
+        ...
+
+    @property
+    def active_blocks(self) -> int:
+        """Number of blocks currently computed."""
+        ...
+
+    def set_active_blocks(self, n: int) -> None:
+        """Activate blocks ``0..n-1`` (inactive ones are skipped in forward and backward)."""
+        ...
+
+    def prunable_weights(self, include_exits: bool = False) -> dict[int, dict[str, nn.Parameter]]:
+        """Conv and linear weights grouped by block, by qualified parameter name."""
+        ...
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """Channels that must be pruned together."""
+        ...
+
+    def add_loss_term(self, name: str, fn: LossTerm) -> None:
+        """Add ``fn``'s value to the training loss (logged under ``name``)."""
+        ...
+
+    def remove_loss_term(self, name: str) -> None:
+        """Remove a term added with :meth:`add_loss_term`."""
+        ...
+
+
+_MEMBERS = (
+    "net",
+    "arch_spec",
+    "set_arch_spec",
+    "active_blocks",
+    "set_active_blocks",
+    "prunable_weights",
+    "channel_groups",
+    "add_loss_term",
+    "remove_loss_term",
+)
+
+
+def require_nas_module(pl_module: object, who: str) -> NASModule:
+    """Return ``pl_module`` typed as :class:`NASModule`, or raise ``TypeError`` naming what is missing.
+
+    Args:
+        pl_module: the LightningModule a callback was attached to.
+        who: the callback's name, for the message.
+    """
+    missing = [m for m in _MEMBERS if not hasattr(pl_module, m)]
+    if missing:
+        raise TypeError(
+            f"{who} needs a lit_nas model (lit_nas.MultiExitModule or anything implementing "
+            f"lit_nas.protocol.NASModule); {type(pl_module).__name__} lacks {missing}"
+        )
+    return pl_module  # type: ignore[return-value]
