@@ -106,6 +106,8 @@ class LitNASCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", RunConfigSaver)
+        # not "config.yaml": W&B writes its own file of that name into the run directory
+        kwargs.setdefault("save_config_kwargs", {"config_filename": "lit_nas_config.yaml"})
         kwargs.setdefault("seed_everything_default", 0)
         super().__init__(*args, **kwargs)
 

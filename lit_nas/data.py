@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_nas.arch import DataShape
 
@@ -83,6 +83,35 @@ class _InMemory(Dataset):
         return self.x[t], self.y[t]
 
 
+class EpochShuffle(Sampler[int]):
+    """Random order that depends only on ``(seed, epoch)``.
+
+    A run resumed at an epoch boundary sees exactly the batches an uninterrupted run would. Lightning
+    calls :meth:`set_epoch` every epoch.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _mix(*ints: int) -> int:
+    h = 0
+    for i in ints:
+        h = (h * 1_000_003 + i) % (2**63 - 1)
+    return h
+
+
 def _as_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch  # __getitems__ already stacked the batch
 
@@ -96,7 +125,9 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``2 * batch_size``).
         val_size: images held out of the training set for validation (fixed seed).
-        split_seed: seed of the train/val split.
+        split_seed: seed of the train/val split (fixed across runs).
+        seed: seed of the shuffling and augmentation, combined with the epoch number; ``None`` takes
+            ``torch.initial_seed()`` at setup, i.e. the run's ``seed_everything`` value.
         augment: random crop (reflect pad ``crop_pad``) and horizontal flip on training batches.
         crop_pad: padding of the random crop.
         num_workers: DataLoader workers (0 is right: batches are single indexing operations).
@@ -108,6 +139,7 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         val_size: int = 5000,
         split_seed: int = 0,
+        seed: int | None = None,
         augment: bool = True,
         crop_pad: int = 4,
         num_workers: int = 0,
@@ -121,6 +153,8 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.val_size = val_size
         self.split_seed = split_seed
+        self.seed = seed
+        self._aug: tuple[int, torch.Generator] | None = None  # (epoch, generator) of the augmentation
         self.augment = augment
         self.crop_pad = crop_pad
         self.num_workers = num_workers
@@ -155,6 +189,8 @@ class ImageDataModule(L.LightningDataModule):
             "val": _InMemory(train_x[val_idx], train_y[val_idx]),
             "test": _InMemory(test_x, test_y),
         }
+        if self.seed is None:
+            self.seed = torch.initial_seed()
         tr = self._splits["train"].x.float().div_(255)
         self.mean = tr.mean(dim=(0, 2, 3))
         self.std = tr.std(dim=(0, 2, 3)).clamp_min(1e-6)
@@ -164,7 +200,7 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(ds), self.seed or 0) if shuffle else None,
             drop_last=split == "train" and len(ds) > self.batch_size,
             collate_fn=_as_batch,
             num_workers=self.num_workers,
@@ -179,23 +215,33 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader("test", shuffle=False)
 
-    def prepare_batch(self, batch: tuple[Tensor, Tensor], train: bool) -> tuple[Tensor, Tensor]:
-        """uint8 batch on the device -> augmented (if ``train``) and normalised float batch."""
+    def prepare_batch(
+        self, batch: tuple[Tensor, Tensor], train: bool, epoch: int = 0, rank: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """uint8 batch on the device -> augmented (if ``train``) and normalised float batch.
+
+        The augmentation draws from a generator seeded by ``(seed, epoch, rank)`` and advanced batch by
+        batch, so it does not depend on anything else that used the global random state, and a run
+        resumed at an epoch boundary augments exactly as an uninterrupted one.
+        """
         x, y = batch
         if self.mean is None or self.std is None:
-            raise RuntimeError(
-                "call setup() before prepare_batch(): normalisation statistics are not known yet"
-            )
+            raise RuntimeError("call setup() before prepare_batch(): normalisation statistics are unknown")
         if train and self.augment:
-            x = random_crop_flip(x, self.crop_pad)
+            if self._aug is None or self._aug[0] != epoch or self._aug[1].device != x.device:
+                gen = torch.Generator(device=x.device).manual_seed(_mix(self.seed or 0, epoch, rank, 1))
+                self._aug = (epoch, gen)
+            x = random_crop_flip(x, self.crop_pad, generator=self._aug[1])
         return normalize(x, self.mean.to(x.device), self.std.to(x.device)), y
 
     def on_after_batch_transfer(
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
     ) -> tuple[Tensor, Tensor]:
         """Augment and normalise on the training device."""
-        training = self.trainer is not None and self.trainer.training
-        return self.prepare_batch(batch, train=training)
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return self.prepare_batch(batch, train=False)
+        return self.prepare_batch(batch, train=True, epoch=trainer.current_epoch, rank=trainer.global_rank)
 
 
 # -- Fashion-MNIST ----------------------------------------------------------------------------------------
@@ -320,8 +366,8 @@ class SyntheticDataModule(ImageDataModule):
         input_size: image side.
         num_classes: classes.
         noise: standard deviation of the per-pixel noise, in uint8 units.
-        seed: seed of templates and noise.
-        **kwargs: see :class:`ImageDataModule` (``val_size`` defaults to 10% here).
+        data_seed: seed of the templates and noise (the images themselves).
+        **kwargs: see :class:`ImageDataModule` (here ``val_size`` defaults to 10%, ``augment`` to off).
     """
 
     def __init__(
@@ -332,12 +378,13 @@ class SyntheticDataModule(ImageDataModule):
         input_size: int = 32,
         num_classes: int = 10,
         noise: float = 40.0,
-        seed: int = 0,
+        data_seed: int = 0,
         **kwargs,
     ) -> None:
         kwargs.setdefault("val_size", num_train // 10)
+        kwargs.setdefault("augment", False)  # shifted random templates would be unlearnable
         super().__init__(**kwargs)
-        self.num_train, self.num_test, self.noise, self.seed = num_train, num_test, noise, seed
+        self.num_train, self.num_test, self.noise, self.data_seed = num_train, num_test, noise, data_seed
         self._shape = DataShape(in_channels, input_size, num_classes)
 
     @property
@@ -345,7 +392,7 @@ class SyntheticDataModule(ImageDataModule):
         return self._shape
 
     def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: D102
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.data_seed)
         s = self._shape
         templates = torch.rand(s.num_classes, s.in_channels, s.input_size, s.input_size, generator=g) * 255
 

@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+
+import lit_nas  # noqa: F401  (first: torchvision compat)
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from lit_nas import DataShape, NetConfig  # noqa: E402
+
+TINY = dict(stage_widths=[4, 8, 8], cells_per_stage=[1, 1, 2], exit_depths=[0.25, 0.5, 0.75, 1.0])
+
+
+@pytest.fixture
+def tiny_shape() -> DataShape:
+    return DataShape(3, 16, 10)
+
+
+@pytest.fixture
+def tiny_net_config() -> NetConfig:
+    return NetConfig(**TINY)
+
+
+def tiny_trainer(tmp_path, **kwargs):
+    import lightning as L
+
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)

@@ -1,0 +1,172 @@
+"""The CLI: every config runs, bare config names resolve, bad input fails before training, W&B offline."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lit_nas.cli import CONFIG_DIR, REPO_ROOT, LitNASCLI, resolve_config_args
+from tests.cifar_files import skip_md5, write_tiny_cifar10
+from tests.test_data import write_idx
+from tests.wandb_records import history
+
+CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.fixture
+def tiny_fashion(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for name, shape in [
+        ("train-images-idx3-ubyte", (96, 28, 28)),
+        ("train-labels-idx1-ubyte", (96,)),
+        ("t10k-images-idx3-ubyte", (32, 28, 28)),
+        ("t10k-labels-idx1-ubyte", (32,)),
+    ]:
+        write_idx(root / f"{name}.gz", rng.integers(0, 10 if len(shape) == 1 else 256, shape), gz=True)
+    return root
+
+
+def data_args(config: str, tmp_path: Path, tiny_fashion: Path, monkeypatch) -> list[str]:
+    text = (CONFIG_DIR / config).read_text()
+    if "CIFAR10DataModule" in text:
+        write_tiny_cifar10(tmp_path / "cifar", per_batch=20)
+        skip_md5(monkeypatch)
+        return [f"--data.init_args.root={tmp_path / 'cifar'}", "--data.init_args.download=false"]
+    if "FashionMNISTDataModule" in text:
+        return [f"--data.init_args.root={tiny_fashion}"]
+    return []
+
+
+def test_configs_exist():
+    assert {"quickstart.yaml", "resnet_ic.yaml", "baseline_resnet.yaml"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_parses_and_trains_a_few_batches(config, tmp_path, tiny_fashion, monkeypatch):
+    args = [
+        "--config",
+        config,  # bare name: resolved under configs/
+        "--trainer.fast_dev_run=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.val_size=16",
+        *data_args(config, tmp_path, tiny_fashion, monkeypatch),
+    ]
+    cli = LitNASCLI(args=resolve_config_args(args), run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 2
+    shape = cli.datamodule.data_shape
+    assert cli.model.arch_spec.in_channels == shape.in_channels  # linked from the datamodule
+    assert cli.model.arch_spec.input_size == shape.input_size
+
+
+def test_bare_config_names_resolve_under_configs(tmp_path):
+    assert resolve_config_args(["fit", "--config", "quickstart.yaml"]) == [
+        "fit",
+        "--config",
+        str(CONFIG_DIR / "quickstart.yaml"),
+    ]
+    assert resolve_config_args(["fit", "--config=quickstart"]) == [
+        "fit",
+        f"--config={CONFIG_DIR / 'quickstart.yaml'}",
+    ]
+    own = tmp_path / "mine.yaml"
+    own.write_text("trainer: {}\n")
+    assert resolve_config_args(["fit", "-c", str(own)]) == ["fit", "-c", str(own)]  # existing paths win
+    assert resolve_config_args(["fit", "--config", "nope.yaml"])[-1] == "nope.yaml"  # left for the parser
+
+
+def cli_error(args, capsys) -> str:
+    """Build the CLI (no training); return the error text."""
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as err:
+        LitNASCLI(
+            args=resolve_config_args(["--config", "quickstart.yaml", "--trainer.logger=false", *args]),
+            run=False,
+        )
+    return str(err.value) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.init_args.net.kind=vgg"], "unknown network kind 'vgg'; valid choices: ['resnet_sdn']"),
+        (["--model.init_args.net.stage_widths=[16,32]"], "must have the same length"),
+        (["--model.init_args.net.block_cells=[3,3,2,2]"], "sum to 10 but there are 9 cells"),
+        (
+            [
+                "--model.init_args.lr_schedule.name=multistep",
+                "--model.init_args.lr_schedule.milestones=[60,35]",
+            ],
+            "strictly increasing",
+        ),
+        (
+            ["--model.init_args.lr_schedule.name=multistep", "--model.init_args.lr_schedule.gammas=[0.1]"],
+            "one gamma per milestone",
+        ),
+        (["--model.init_args.exit_loss.weights=[1,1]"], "have 2 entries; the network has 4 blocks"),
+        (["--model.init_args.optimizer.name=rmsprop"], "rmsprop"),
+    ],
+)
+def test_bad_input_fails_before_training(args, message, capsys):
+    assert message in cli_error(args, capsys)
+
+
+def test_missing_dataset_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr("lit_nas.data.DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    cli = LitNASCLI(
+        args=resolve_config_args(
+            ["--config", "quickstart.yaml", "--trainer.logger=false", f"--data.init_args.root={tmp_path}"]
+        ),
+        run=False,
+    )
+    from lit_nas.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0
+
+
+def run_train(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), "fit", "--config", "quickstart.yaml", *extra],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_train_py_end_to_end_with_wandb_offline(tmp_path, tiny_fashion):
+    """The user's command: W&B offline by default, per-exit curves in the run, config saved per run."""
+    args = [
+        f"--data.init_args.root={tiny_fashion}",
+        "--data.init_args.val_size=16",
+        "--data.init_args.batch_size=16",
+        "--trainer.max_epochs=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ]
+    first = run_train(tmp_path, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Early exit on the test set" in first.stdout
+    second = run_train(tmp_path, *args)  # a second run must not trip over the first one's files
+    assert second.returncode == 0, second.stderr[-3000:]
+    run_dirs = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 2
+    for run in run_dirs:
+        rows = history(next(run.glob("run-*.wandb")))
+        keys = {k for row in rows for k in row}
+        for e in range(4):
+            assert {f"val/acc_exit{e}", f"train/acc_exit{e}", f"test/acc_exit{e}"} <= keys
+        assert "test/early_exit/acc_q0.9" in keys
+        assert sum("val/acc_exit0" in row for row in rows) == 2  # one point per epoch: a curve
+        saved = (run / "files" / "lit_nas_config.yaml").read_text()
+        assert "lit_nas.module.MultiExitModule" in saved and "FashionMNISTDataModule" in saved

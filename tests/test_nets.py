@@ -1,0 +1,174 @@
+"""One conformance test over every network in the registry (plain and dense variants)."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lit_nas import DataShape, NetConfig, build_net
+from lit_nas.cost import count_costs
+from lit_nas.nets import NETWORKS
+from lit_nas.nets.base import MultiExitNet
+from tests.conftest import TINY
+
+VARIANTS = [(kind, dense) for kind in NETWORKS for dense in (False, True)]
+
+
+def make(kind, dense, **kw):
+    torch.manual_seed(0)
+    cfg = NetConfig(kind=kind, dense=dense, **{**TINY, **kw})
+    return build_net(cfg.build_spec(DataShape(3, 16, 10)))
+
+
+@pytest.fixture(params=VARIANTS, ids=[f"{k}-{'dense' if d else 'plain'}" for k, d in VARIANTS])
+def net(request) -> MultiExitNet:
+    return make(*request.param)
+
+
+def test_forward_returns_every_active_exit(net):
+    x = torch.randn(3, 3, 16, 16)
+    for active in range(1, net.spec.num_blocks + 1):
+        out = net(x, active_blocks=active)
+        assert out.exits == tuple(range(active))
+        assert all(lg.shape == (3, 10) for lg in out.logits)
+        assert out.final is out.logits[-1]
+        assert out[active - 1] is out.final
+
+
+def test_inactive_blocks_are_not_executed(net):
+    calls = []
+    for b, block in enumerate(net.blocks):
+        block.cells[0].register_forward_hook(lambda *_, b=b: calls.append(b))
+    net.spec.active_blocks = 2
+    net(torch.randn(2, 3, 16, 16)).final.sum().backward()
+    assert calls == [0, 1]
+    for b in (2, 3):
+        assert all(p.grad is None for p in net.blocks[b].parameters())
+        assert all(p.grad is None for p in net.exits[str(b)].parameters())
+
+
+def test_baseline_has_only_the_final_exit():
+    for kind in NETWORKS:
+        net = make(kind, False, exits=False)
+        assert list(net.exits) == ["3"]
+        assert net(torch.randn(2, 3, 16, 16)).exits == (3,)
+
+
+def test_prunable_weights_cover_blocks_and_exclude_exits(net):
+    groups = net.prunable_weights()
+    layers = {n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    in_blocks = {n for n in layers if n.startswith("blocks.")}
+    named = {k.removesuffix(".weight") for ws in groups.values() for k in ws}
+    assert named == in_blocks
+    for b, ws in groups.items():
+        assert all(k.startswith(f"blocks.{b}.") for k in ws)
+    with_exits = net.prunable_weights(include_exits=True)
+    assert {k.removesuffix(".weight") for ws in with_exits.values() for k in ws} == layers
+
+
+def test_channel_groups_match_layer_shapes_and_cover_every_channel(net):
+    modules = dict(net.named_modules())
+    covered_in: dict[str, list[tuple[int, int]]] = {}
+    covered_out: dict[str, int] = {}
+    for g in net.channel_groups():
+        for s in g.producers:
+            m = modules[s.module]
+            assert s.dim == 0
+            size = m.weight.shape[0]
+            assert size == g.size, (g.name, s)
+            covered_out[s.module] = covered_out.get(s.module, 0) + 1
+        for s in g.consumers:
+            m = modules[s.module]
+            assert s.dim == 1
+            covered_in.setdefault(s.module, []).append((s.start, s.start + g.size * s.per_channel))
+    layers = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    for name in layers:
+        m = modules[name]
+        assert covered_out.get(name) == 1 or isinstance(m, nn.Linear), (
+            f"{name} output not in exactly one group"
+        )
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name != "blocks.0.stem.conv":
+            spans = sorted(covered_in[name])
+            # the consumer slices tile the layer's input exactly
+            assert spans[0][0] == 0 and spans[-1][1] == m.weight.shape[1], name
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)), name
+
+
+def test_channel_group_zeroing_silences_the_channels(net):
+    """Zeroing a group's producer BNs must zero those channels wherever they are read."""
+    net.eval()
+    modules = dict(net.named_modules())
+    stream = next(g for g in net.channel_groups() if g.name == "stream0")
+    with torch.no_grad():
+        for s in stream.producers:
+            if isinstance(modules[s.module], nn.BatchNorm2d):
+                modules[s.module].weight[0] = 0
+                modules[s.module].bias[0] = 0
+    feats = net.run_block(0, [], torch.randn(2, 3, 16, 16))
+    for f in feats:  # stem and every cell of stream 0 (identity shortcuts carry the zero along)
+        assert torch.all(f[:, 0] == 0)
+
+
+def test_dense_sources_partition_the_first_conv_input(net):
+    for i in range(net.spec.num_cells):
+        srcs = net.dense_sources(i)
+        cell = net.blocks[net.spec.block_of_cell(i)].cells[
+            i - net.spec.cells_of_block(net.spec.block_of_cell(i)).start
+        ]
+        assert srcs[0].start == 0 and srcs[-1].stop == cell.conv1.in_channels
+        assert all(a.stop == b.start for a, b in itertools.pairwise(srcs))
+        if net.spec.dense:
+            assert [s.source for s in srcs] == ["stem"] + [f"cell{j}" for j in range(i)]
+        else:
+            assert len(srcs) == 1
+
+
+def test_dense_input_slices_really_come_from_their_sources():
+    net = make("resnet_sdn", True)
+    net.eval()
+    seen = {}
+    cell = net.blocks[3].cells[-1]  # the last cell reads everything
+    cell.conv1.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    x = torch.randn(2, 3, 16, 16)
+    feats = []
+    for b in range(4):
+        feats = net.run_block(b, feats, x)
+    last = net.spec.num_cells - 1
+    for src in net.dense_sources(last):
+        f = feats[src.feature]
+        k = f.shape[-1] // seen["x"].shape[-1]
+        expected = torch.nn.functional.avg_pool2d(f, k) if k > 1 else f
+        torch.testing.assert_close(seen["x"][:, src.start : src.stop], expected)
+
+
+def test_costs_are_measured_per_block_and_exit(net):
+    costs = count_costs(net)
+    assert len(costs.block_flops) == net.spec.num_blocks and all(f > 0 for f in costs.block_flops)
+    assert set(costs.exit_flops) == {0, 1, 2, 3}
+    assert costs.total_params == sum(p.numel() for p in net.parameters())
+    # blocks + all heads == one full forward with every exit, counted in one go
+    with FlopCounterMode(display=False) as fc:
+        net.eval()
+        net(torch.zeros(1, 3, 16, 16))
+    assert sum(costs.block_flops) + sum(costs.exit_flops.values()) == fc.get_total_flops()
+    assert (
+        costs.early_exit_costs([0, 1, 2, 3])[1]
+        == sum(costs.block_flops[:2]) + costs.exit_flops[0] + costs.exit_flops[1]
+    )
+
+
+def test_count_costs_does_not_touch_bn_statistics(net):
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    count_costs(net)
+    assert net.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_dense_net_has_more_conv1_inputs_than_plain():
+    plain, dense = make("resnet_sdn", False), make("resnet_sdn", True)
+    assert dense.blocks[3].cells[-1].conv1.in_channels == sum(dense.spec.feature_widths()[:-1])
+    assert plain.blocks[3].cells[-1].conv1.in_channels == plain.spec.cells[-2].out
