@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	@# torch first and alone, so nothing later pulls the CUDA build (and its nvidia-* packages).
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  $(PIP) install --no-deps "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
-	  && $(PIP) install filelock typing-extensions sympy networkx jinja2 fsspec; fi
+	  && $(PIP) install filelock typing-extensions sympy networkx jinja2 fsspec "setuptools>=77.0.3"; fi
 	@# torchvision's only other dependencies are numpy and pillow; --no-deps keeps torch as installed.
 	$(PIP) install --no-deps "torchvision==0.28.0" && $(PIP) install pillow
 	$(PIP) install -e ".[dev]"

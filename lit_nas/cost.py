@@ -75,3 +75,21 @@ def count_costs(net: MultiExitNet) -> CostReport:
         block_params=[sum(p.numel() for p in blk.parameters()) for blk in net.blocks],
         exit_params={int(k): sum(p.numel() for p in h.parameters()) for k, h in net.exits.items()},
     )
+
+
+def format_costs(costs: CostReport, block_cells: list[int]) -> str:
+    """Plain-text table: cells, parameters and MFLOPs of each block and its exit."""
+    rows = [
+        f"{'block':>5} {'cells':>5} {'params':>9} {'MFLOPs':>8} | {'exit params':>11} {'exit MFLOPs':>11}"
+    ]
+    for b, n in enumerate(block_cells):
+        ep = costs.exit_params.get(b)
+        ef = costs.exit_flops.get(b)
+        exit_cols = (
+            f"{ep:>11,} {ef / 1e6:>11.3f}" if ep is not None and ef is not None else f"{'-':>11} {'-':>11}"
+        )
+        rows.append(
+            f"{b:>5} {n:>5} {costs.block_params[b]:>9,} {costs.block_flops[b] / 1e6:>8.2f} | {exit_cols}"
+        )
+    rows.append(f"total parameters: {costs.total_params:,}")
+    return "\n".join(rows)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_nas.arch import ArchSpec, DataShape, NetConfig
-from lit_nas.cost import CostReport, count_costs
+from lit_nas.cost import CostReport, count_costs, format_costs
 from lit_nas.early_exit import EarlyExitResult, early_exit, format_table
 from lit_nas.nets import build_net
 from lit_nas.nets.base import ChannelGroup, ExitLogits, MultiExitNet
@@ -171,6 +171,20 @@ class MultiExitModule(L.LightningModule):
     def forward(self, x: Tensor) -> ExitLogits:
         """Logits of every active exit."""
         return self.net(x)
+
+    def on_fit_start(self) -> None:
+        """Print the architecture's cost per block and log its totals (``arch/params``, ``arch/mflops``)."""
+        costs = self.costs()
+        exits = self.arch_spec.exit_blocks(active_only=False)
+        full = costs.flops_to_exit(exits[-1])
+        if self.trainer.is_global_zero:
+            print(
+                f"\nArchitecture ({self.arch_spec.kind}, dense={self.arch_spec.dense}, "
+                f"{self.active_blocks}/{self.arch_spec.num_blocks} blocks active):"
+            )
+            print(format_costs(costs, self.arch_spec.block_cells))
+        for logger in self.loggers:
+            logger.log_metrics({"arch/params": costs.total_params, "arch/mflops": full / 1e6}, step=0)
 
     def _metric_keys(self) -> list[str]:
         # Keys cannot be "train" (an nn.Module attribute), hence "<stage>_exit<b>".
