@@ -78,7 +78,7 @@ def test_training_logs_per_exit_metrics_and_learns(tmp_path):
         acc = (lg.argmax(1) == y).float().mean()
         assert metrics[f"val/acc_exit{e}"].item() == pytest.approx(acc.item(), abs=1e-6)
     header = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()[0]
-    assert "val/acc_exit0" in header and "train/loss_step" in header
+    assert "val/acc_exit0" in header and "train/loss" in header and "train/loss_epoch" in header
 
 
 def test_test_reports_early_exit_table(tmp_path, capsys):
