@@ -185,7 +185,9 @@ class MultiExitModule(L.LightningModule):
             )
             print(format_costs(costs, self.arch_spec.block_cells))
         for logger in self.loggers:
-            logger.log_metrics({"arch/params": costs.total_params, "arch/mflops": full / 1e6}, step=0)
+            logger.log_metrics(
+                {"arch/params": costs.total_params, "arch/mflops": full / 1e6}, step=self.global_step
+            )
 
     def _metric_keys(self) -> list[str]:
         # Keys cannot start with "train" alone (an nn.Module attribute), hence "<stage>_acc<b>" etc.

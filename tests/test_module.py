@@ -206,6 +206,9 @@ def test_sgd_settings_and_no_weight_decay_flag():
 
 # -- protocol ------------------------------------------------------------------------------------------
 def test_module_implements_the_protocol():
+    import lit_nas
+
+    assert lit_nas.MultiExitModule is MultiExitModule
     m = make_module()
     assert isinstance(m, NASModule)
     assert require_nas_module(m, "Growing") is m
