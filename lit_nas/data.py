@@ -154,6 +154,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_size = val_size
         self.split_seed = split_seed
         self.seed = seed
+        self._seed = 0  # the seed in use: ``seed``, or the run's seed, resolved in setup()
         self._aug: tuple[int, torch.Generator] | None = None  # (epoch, generator) of the augmentation
         self.augment = augment
         self.crop_pad = crop_pad
@@ -189,8 +190,7 @@ class ImageDataModule(L.LightningDataModule):
             "val": _InMemory(train_x[val_idx], train_y[val_idx]),
             "test": _InMemory(test_x, test_y),
         }
-        if self.seed is None:
-            self.seed = torch.initial_seed()
+        self._seed = torch.initial_seed() if self.seed is None else self.seed
         tr = self._splits["train"].x.float().div_(255)
         self.mean = tr.mean(dim=(0, 2, 3))
         self.std = tr.std(dim=(0, 2, 3)).clamp_min(1e-6)
@@ -200,7 +200,7 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=EpochShuffle(len(ds), self.seed or 0) if shuffle else None,
+            sampler=EpochShuffle(len(ds), self._seed) if shuffle else None,
             drop_last=split == "train" and len(ds) > self.batch_size,
             collate_fn=_as_batch,
             num_workers=self.num_workers,
@@ -229,7 +229,7 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before prepare_batch(): normalisation statistics are unknown")
         if train and self.augment:
             if self._aug is None or self._aug[0] != epoch or self._aug[1].device != x.device:
-                gen = torch.Generator(device=x.device).manual_seed(_mix(self.seed or 0, epoch, rank, 1))
+                gen = torch.Generator(device=x.device).manual_seed(_mix(self._seed, epoch, rank, 1))
                 self._aug = (epoch, gen)
             x = random_crop_flip(x, self.crop_pad, generator=self._aug[1])
         return normalize(x, self.mean.to(x.device), self.std.to(x.device)), y

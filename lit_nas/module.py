@@ -208,9 +208,9 @@ class MultiExitModule(L.LightningModule):
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, ExitLogits]:
         x, y = batch
         out = self(x)
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else 1
+        max_epochs = (self.trainer.max_epochs if self._trainer is not None else None) or 1
         weights = exit_weights(
-            self.exit_loss, self.arch_spec.num_blocks, out.exits, self.current_epoch, max_epochs or 1
+            self.exit_loss, self.arch_spec.num_blocks, out.exits, self.current_epoch, max_epochs
         )
         loss, per_exit = multi_exit_loss(out, y, weights)
         # Accumulate here, log once per epoch (_log_epoch): a self.log call costs ~0.7 ms on CPU, and a
@@ -283,7 +283,7 @@ class MultiExitModule(L.LightningModule):
             correct = self.all_gather(correct).flatten(0, 1)
         exits = tuple(self.arch_spec.exit_blocks())
         costs = self.costs()
-        reference = sum(costs.block_flops[: exits[-1] + 1]) + costs.exit_flops[exits[-1]]
+        reference = costs.flops_to_exit(exits[-1])  # the network to its last exit, no internal heads
         self.early_exit_results = early_exit(
             conf.cpu(), correct.cpu(), costs.early_exit_costs(list(exits)), reference, self.thresholds
         )

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from lit_nas.cli import CONFIG_DIR, REPO_ROOT, LitNASCLI, resolve_config_args
-from tests.cifar_files import skip_md5, write_tiny_cifar10
-from tests.test_data import write_idx
+from tests.dataset_files import skip_md5, write_idx, write_tiny_cifar10
 from tests.wandb_records import history
 
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))

@@ -1,6 +1,3 @@
-import gzip
-import struct
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +12,7 @@ from lit_nas.data import (
     random_crop_flip,
     read_idx,
 )
-from tests.cifar_files import skip_md5, write_tiny_cifar10
+from tests.dataset_files import skip_md5, write_idx, write_tiny_cifar10
 
 
 def test_cifar10_on_disk_format_loads_through_torchvision(tmp_path, monkeypatch):
@@ -59,12 +56,6 @@ def test_cifar10_missing_offline_says_how_to_get_it(tmp_path):
     dm = CIFAR10DataModule(root=str(tmp_path), download=False)
     with pytest.raises(DatasetNotFoundError, match=r"cifar-10-python\.tar\.gz"):
         dm.setup()
-
-
-def write_idx(path, array: np.ndarray, gz: bool):
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(payload)
 
 
 @pytest.mark.parametrize("gz", [True, False])

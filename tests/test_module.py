@@ -141,9 +141,6 @@ def test_schedule_through_the_trainer(tmp_path):
     )
     seen = []
 
-    class Record(torch.nn.Module):
-        pass
-
     import lightning as L
 
     class LR(L.Callback):

@@ -87,8 +87,6 @@ class ResNetSDN(MultiExitNet):
                     pool_to=1 if final else spec.exit_pool,
                     mixed=not final,
                 )
-        # Pooling factor from each feature down to each cell's input resolution (dense variant only).
-        self._sizes = sizes
 
     def run_block(self, block: int, feats: list[Tensor], x: Tensor | None = None) -> list[Tensor]:
         """Append the outputs of ``block``'s cells to ``feats`` (a new list; the input is not modified)."""

@@ -1,6 +1,8 @@
-"""Write a tiny dataset in CIFAR-10's on-disk format (``cifar-10-batches-py``: pickled dict batches)."""
+"""Small datasets written in the real on-disk formats: CIFAR-10 (``cifar-10-batches-py``) and IDX."""
 
+import gzip
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +39,11 @@ def skip_md5(monkeypatch) -> None:
     monkeypatch.setattr(
         "torchvision.datasets.cifar.check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
     )
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    """Write ``array`` as a uint8 IDX file (the MNIST / Fashion-MNIST format), gzipped if ``gz``."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(payload)
