@@ -40,6 +40,16 @@ class CostReport:
         """Cost of stopping at each of ``exits``: its blocks plus every head evaluated on the way."""
         return [self.flops_to_exit(e, [h for h in exits if h <= e]) for e in exits]
 
+    def active_params(self, active_blocks: int) -> int:
+        """Parameters of blocks ``0..active_blocks-1`` and their exits (what is trained while growing)."""
+        exits = sum(n for b, n in self.exit_params.items() if b < active_blocks)
+        return sum(self.block_params[:active_blocks]) + exits
+
+    def active_flops(self, active_blocks: int) -> int:
+        """FLOPs of one forward pass of the first ``active_blocks`` blocks and all their exits."""
+        exits = sum(f for b, f in self.exit_flops.items() if b < active_blocks)
+        return sum(self.block_flops[:active_blocks]) + exits
+
     @property
     def total_params(self) -> int:
         """All parameters of all blocks and exits."""

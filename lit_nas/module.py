@@ -344,7 +344,14 @@ class MultiExitModule(L.LightningModule):
             spec = ArchSpec.from_dict(checkpoint[ARCH_KEY])
         except (TypeError, ValueError) as err:
             raise CheckpointArchError(f"checkpoint's {ARCH_KEY!r} entry is corrupt: {err}") from err
-        if spec != self.arch_spec:
+        if spec == self.arch_spec:
+            return
+        same_layers = (
+            ArchSpec.from_dict({**spec.to_dict(), "active_blocks": self.active_blocks}) == self.arch_spec
+        )
+        if same_layers:  # only the number of active blocks differs (growing): same parameters
+            self.set_active_blocks(spec.active_blocks)
+        else:
             log.info("rebuilding the network from the checkpoint's ArchSpec")
             self.set_arch_spec(spec, rebuild=True)
 

@@ -41,7 +41,13 @@ def data_args(config: str, tmp_path: Path, tiny_fashion: Path, monkeypatch) -> l
 
 
 def test_configs_exist():
-    assert {"quickstart.yaml", "resnet_ic.yaml", "baseline_resnet.yaml"} <= set(CONFIGS)
+    assert {
+        "quickstart.yaml",
+        "resnet_ic.yaml",
+        "baseline_resnet.yaml",
+        "growing.yaml",
+        "growing_fast.yaml",
+    } <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -130,10 +136,10 @@ def test_missing_dataset_fails_before_training(tmp_path, monkeypatch):
     assert cli.trainer.global_step == 0
 
 
-def run_train(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_train(tmp_path: Path, *extra: str, config: str = "quickstart.yaml") -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), "fit", "--config", "quickstart.yaml", *extra],
+        [sys.executable, str(REPO_ROOT / "train.py"), "fit", "--config", config, *extra],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -169,3 +175,29 @@ def test_train_py_end_to_end_with_wandb_offline(tmp_path, tiny_fashion):
         assert sum("val/acc_exit0" in row for row in rows) == 2  # one point per epoch: a curve
         saved = (run / "files" / "lit_nas_config.yaml").read_text()
         assert "lit_nas.module.MultiExitModule" in saved and "FashionMNISTDataModule" in saved
+
+
+def test_growing_fast_with_train_py_logs_growth_to_wandb(tmp_path, tiny_fashion):
+    """growing_fast.yaml through train.py: blocks activate at 2/3/4, grow/* curves and tables in the run."""
+    proc = run_train(
+        tmp_path,
+        f"--data.init_args.root={tiny_fashion}",
+        "--data.init_args.val_size=16",
+        "--data.init_args.batch_size=16",
+        "--trainer.max_epochs=5",
+        "--trainer.limit_train_batches=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        config="growing_fast.yaml",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for block, epoch in [(1, 2), (2, 3), (3, 4)]:
+        assert f"Growing: block {block} activated at epoch {epoch} (random init)" in proc.stdout
+    assert "active: 4/4 blocks, 311,259 of 311,259 parameters" in proc.stdout
+    rows = history(next((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb")))
+    active = [float(r["grow/active_blocks"]) for r in rows if "grow/active_blocks" in r]
+    assert active == [1, 1, 2, 3, 4]
+    params = [float(r["grow/active_params"]) for r in rows if "grow/active_params" in r]
+    assert params[0] < params[2] < params[3] < params[4] == 311_259
+    assert sum("grow/architecture/_type" in r for r in rows) == 3  # one W&B table per growth
+    assert sum("val/acc_exit3" in r for r in rows) == 1  # the last exit exists from epoch 4 only

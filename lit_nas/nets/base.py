@@ -178,6 +178,14 @@ class MultiExitNet(nn.Module):
         """Which slice of ``cell``'s first-conv input comes from which earlier feature."""
         raise NotImplementedError
 
+    def residual_scales(self, block: int) -> list[nn.Parameter]:
+        """Scale of the last normalisation of each residual branch in ``block``.
+
+        Zeroing them turns every residual cell into its shortcut (an identity where the shortcut is one),
+        the identity start of a newly grown block.
+        """
+        raise NotImplementedError
+
 
 def _layer_weights(module: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
     return {

@@ -122,6 +122,10 @@ class ResNetSDN(MultiExitNet):
             start += widths[j]
         return out
 
+    def residual_scales(self, block: int) -> list[nn.Parameter]:
+        """``bn2.weight`` of every cell of ``block`` (the BN closing the residual branch)."""
+        return [cell.bn2.weight for cell in self.blocks[block].cells]
+
     def channel_groups(self) -> list[ChannelGroup]:
         """Per-cell inner widths, then residual streams (features tied by identity shortcuts)."""
         spec = self.spec

@@ -1,0 +1,149 @@
+"""``Growing``: activate the network block by block at epoch milestones (Inria thesis, section 3).
+
+Example (YAML, the thesis's schedule)::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.Growing
+          init_args:
+            grow_epochs: [25, 50, 75]
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from lit_nas.growing import (
+    GROW_INITS,
+    SUMMARY_COLUMNS,
+    active_blocks_at,
+    check_growable,
+    format_summary,
+    identity_init,
+    summary_rows,
+    validate_grow_epochs,
+)
+from lit_nas.protocol import NASModule, require_nas_module
+
+log = logging.getLogger(__name__)
+
+
+class Growing(Callback):
+    """Start with block 0 and its exit; activate the next block and its exit at each epoch of ``grow_epochs``.
+
+    Every block exists from the start (so the optimizer, the LR schedule and checkpoints never see a new
+    parameter); inactive blocks are not run, so they get no gradient, no optimizer state, no weight decay
+    and no momentum until they activate, and then train at the learning rate in force.
+
+    Under DDP use ``strategy: ddp_find_unused_parameters_true``: the inactive blocks are parameters that no
+    loss uses, which plain DDP rejects.
+
+    Logs every epoch ``grow/active_blocks``, ``grow/active_params`` and ``grow/active_mflops`` (forward cost
+    per image of the active blocks and exits); at each growth it prints the architecture and logs it as the
+    W&B table ``grow/architecture``.
+
+    Args:
+        grow_epochs: epoch (0-based) at which blocks ``1, 2, ...`` activate; one entry per block after the
+            first, strictly increasing, below ``max_epochs``. The thesis uses ``[25, 50, 75]``.
+        init: how a new block starts: ``"random"`` (its initial random weights, as in the thesis) or
+            ``"identity"`` (the last BN scale of each of its residual cells is zeroed at activation, so each
+            cell first passes its shortcut through).
+    """
+
+    def __init__(self, grow_epochs: list[int], init: Literal["random", "identity"] = "random") -> None:
+        super().__init__()
+        if init not in GROW_INITS:
+            raise ValueError(f"Growing init must be one of {list(GROW_INITS)}; got {init!r}")
+        self.grow_epochs = validate_grow_epochs(grow_epochs)
+        self.init = init
+        #: ``(block, epoch)`` of every activation so far.
+        self.history: list[tuple[int, int]] = []
+        self._restored_active: int | None = None
+
+    # -- checks -----------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        module = require_nas_module(pl_module, "Growing")
+        if stage != "fit":
+            return
+        spec = module.arch_spec
+        # fast_dev_run is a smoke test of a few batches: growth epochs beyond it are expected, not an error
+        max_epochs = None if trainer.fast_dev_run else trainer.max_epochs
+        validate_grow_epochs(self.grow_epochs, spec.num_blocks, max_epochs)
+        check_growable(spec)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = trainer.strategy.model
+        if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+            raise ValueError(
+                "Growing keeps inactive blocks out of the loss, which DDP rejects unless told: use "
+                "strategy 'ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True))"
+            )
+        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        # Fresh run: block 0 only. Resumed run: the restored count (the checkpoint's ArchSpec says the same).
+        if self._restored_active is None:
+            self.history = []
+        module.set_active_blocks(self._restored_active or 1)
+
+    # -- growth -----------------------------------------------------------------------------------------
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        module: NASModule = pl_module  # type: ignore[assignment]
+        target = active_blocks_at(trainer.current_epoch, self.grow_epochs)
+        while module.active_blocks < target:
+            self._grow(trainer, module)
+        n = module.active_blocks
+        costs = module.costs()
+        pl_module.log("grow/active_blocks", float(n), on_step=False, on_epoch=True)
+        pl_module.log("grow/active_params", float(costs.active_params(n)), on_step=False, on_epoch=True)
+        pl_module.log("grow/active_mflops", costs.active_flops(n) / 1e6, on_step=False, on_epoch=True)
+
+    def _grow(self, trainer: L.Trainer, module: NASModule) -> None:
+        block = module.active_blocks
+        if self.init == "identity":
+            identity_init(module.net, block)
+        module.set_active_blocks(block + 1)
+        self.history.append((block, trainer.current_epoch))
+        spec, costs = module.arch_spec, module.costs()
+        summary = format_summary(spec, costs)
+        log.info("Growing: block %d activated at epoch %d\n%s", block, trainer.current_epoch, summary)
+        if trainer.is_global_zero:
+            print(f"\nGrowing: block {block} activated at epoch {trainer.current_epoch} ({self.init} init)")
+            print(summary)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text(
+                    "grow/architecture",
+                    columns=SUMMARY_COLUMNS,
+                    data=summary_rows(spec, costs),
+                    step=trainer.global_step,
+                )
+
+    # -- state ------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "grow_epochs": list(self.grow_epochs),
+            "init": self.init,
+            "active_blocks": 1 + len(self.history),
+            "history": [list(h) for h in self.history],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if list(state_dict["grow_epochs"]) != self.grow_epochs:
+            log.warning(
+                "Growing: resuming with grow_epochs %s; the checkpoint was trained with %s",
+                self.grow_epochs,
+                state_dict["grow_epochs"],
+            )
+        self.history = [(int(b), int(e)) for b, e in state_dict["history"]]
+        self._restored_active = int(state_dict["active_blocks"])
