@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from lit_nas.arch import ArchSpec
+from lit_nas.cost import CostReport
 from lit_nas.nets.base import ChannelGroup, ExitLogits, MultiExitNet
 
 #: An extra loss term: ``fn(images, targets, outputs) -> scalar``, added to the training loss every step.
@@ -50,6 +51,10 @@ class NASModule(Protocol):
         """Channels that must be pruned together."""
         ...
 
+    def costs(self) -> CostReport:
+        """FLOPs and parameters per block and exit of the current network (all blocks)."""
+        ...
+
     def add_loss_term(self, name: str, fn: LossTerm) -> None:
         """Add ``fn``'s value to the training loss (logged under ``name``)."""
         ...
@@ -67,6 +72,7 @@ _MEMBERS = (
     "set_active_blocks",
     "prunable_weights",
     "channel_groups",
+    "costs",
     "add_loss_term",
     "remove_loss_term",
 )

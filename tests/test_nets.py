@@ -172,3 +172,33 @@ def test_dense_net_has_more_conv1_inputs_than_plain():
     plain, dense = make("resnet_sdn", False), make("resnet_sdn", True)
     assert dense.blocks[3].cells[-1].conv1.in_channels == sum(dense.spec.feature_widths()[:-1])
     assert plain.blocks[3].cells[-1].conv1.in_channels == plain.spec.cells[-2].out
+
+
+def test_residual_scales_close_every_residual_branch(net):
+    """Zeroing a block's residual scales leaves each of its cells computing only its shortcut."""
+    x = torch.randn(2, 3, 16, 16)
+    net.train()
+    for b in range(net.spec.num_blocks):
+        scales = net.residual_scales(b)
+        assert len(scales) == len(net.spec.cells_of_block(b))
+        assert all(isinstance(s, nn.Parameter) and s.ndim == 1 for s in scales)
+    feats = net.run_block(0, [], x)
+    with torch.no_grad():
+        for s in net.residual_scales(1):
+            s.zero_()
+    out = net.run_block(1, feats)
+    for cell, i in zip(net.blocks[1].cells, net.spec.cells_of_block(1)):
+        torch.testing.assert_close(out[i + 1], torch.relu(cell.shortcut(out[i])))
+
+
+def test_active_costs_sum_the_active_blocks_and_their_exits(net):
+    costs = count_costs(net)
+    n = net.spec.num_blocks
+    assert costs.active_params(n) == costs.total_params
+    for k in range(1, n + 1):
+        blocks = nn.ModuleList([*net.blocks[:k], *(net.exits[str(b)] for b in range(k))])
+        assert costs.active_params(k) == sum(p.numel() for p in blocks.parameters())
+        with FlopCounterMode(display=False) as fc:
+            net.eval()
+            net(torch.zeros(1, 3, 16, 16), active_blocks=k)
+        assert costs.active_flops(k) == fc.get_total_flops()
