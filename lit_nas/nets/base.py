@@ -178,6 +178,10 @@ class MultiExitNet(nn.Module):
         """Which slice of ``cell``'s first-conv input comes from which earlier feature."""
         raise NotImplementedError
 
+    def resized_spec(self, group: str, size: int) -> ArchSpec:
+        """The ArchSpec after channel group ``group`` (a name from :meth:`channel_groups`) has ``size``."""
+        raise NotImplementedError
+
     def residual_scales(self, block: int) -> list[nn.Parameter]:
         """Scale of the last normalisation of each residual branch in ``block``.
 

@@ -122,6 +122,34 @@ class ResNetSDN(MultiExitNet):
             start += widths[j]
         return out
 
+    def resized_spec(self, group: str, size: int) -> ArchSpec:
+        """``cell{i}.mid`` sets that cell's inner width; ``stream{s}`` sets every feature of the stream."""
+        spec = ArchSpec.from_dict(self.spec.to_dict())
+        if size < 1:
+            raise ValueError(f"channel group {group!r} cannot shrink to {size} channels (at least 1)")
+        if group.startswith("cell") and group.endswith(".mid"):
+            spec.cells[int(group[4:-4])].mid = size
+        elif group.startswith("stream"):
+            features = [j for j, s in enumerate(self._streams()) if s == int(group[6:])]
+            if not features:
+                raise ValueError(f"no channel group named {group!r}")
+            for j in features:
+                if j == 0:
+                    spec.stem_width = size
+                else:
+                    spec.cells[j - 1].out = size
+        else:
+            raise ValueError(f"no channel group named {group!r}")
+        spec.validate()
+        return spec
+
+    def _streams(self) -> list[int]:
+        """Residual stream of every feature: identity shortcuts keep the stream, projections start one."""
+        stream_of = [0]
+        for c in self.spec.cells:
+            stream_of.append(stream_of[-1] if not c.projection else stream_of[-1] + 1)
+        return stream_of
+
     def residual_scales(self, block: int) -> list[nn.Parameter]:
         """``bn2.weight`` of every cell of ``block`` (the BN closing the residual branch)."""
         return [cell.bn2.weight for cell in self.blocks[block].cells]
@@ -140,10 +168,7 @@ class ResNetSDN(MultiExitNet):
                     consumers=(ChannelSlice(f"{name}.conv2", 1),),
                 )
             )
-        # Union features tied by identity shortcuts into streams.
-        stream_of = [0]
-        for c in spec.cells:
-            stream_of.append(stream_of[-1] if not c.projection else stream_of[-1] + 1)
+        stream_of = self._streams()  # features tied by identity shortcuts
         producers: dict[int, list[ChannelSlice]] = {}
         consumers: dict[int, list[ChannelSlice]] = {}
         for j, s in enumerate(stream_of):

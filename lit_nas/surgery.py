@@ -1,0 +1,117 @@
+"""Network surgery: physically remove channels without changing what the network computes.
+
+ShrinkNets draft, section 3.5.2 (neural garbage collection): every layer that produces or reads the removed
+channels is sliced (conv out/in, BatchNorm weight/bias/running statistics, exits' linear inputs, the slices
+of a dense concatenation, every member of a residual stream), and so is the optimizer state of each sliced
+parameter, so the optimizer keeps optimizing the same tensors. The ArchSpec is updated, so checkpoints
+rebuild the smaller network.
+
+Parameters are sliced *in place* (``p.data = ...``): the ``nn.Parameter`` objects stay the same, so the
+optimizer's ``param_groups`` and the identity of every tensor it holds remain valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lit_nas.arch import ArchSpec
+from lit_nas.nets.base import ChannelGroup, ChannelSlice, MultiExitNet
+
+
+def kept_indices(total: int, slices: Iterable[ChannelSlice], group_size: int, keep: Tensor) -> Tensor:
+    """Indices along a ``total``-long dimension that survive keeping channels ``keep`` of a group.
+
+    ``slices`` are every place the group occupies in that dimension (a dense conv can read the same residual
+    stream at several offsets); entries outside them (other concatenated sources) are all kept.
+    """
+    mask = torch.ones(total, dtype=torch.bool)
+    drop = torch.ones(group_size, dtype=torch.bool)
+    drop[keep] = False
+    for where in slices:
+        pc = where.per_channel
+        entries = where.start + torch.arange(group_size * pc).view(group_size, pc)
+        mask[entries[drop].flatten()] = False
+    return mask.nonzero().flatten()
+
+
+def _slice_param(
+    p: nn.Parameter | Tensor, dim: int, idx: Tensor, optimizers: Sequence[torch.optim.Optimizer]
+):
+    old_shape = p.shape
+    p.data = p.data.index_select(dim, idx.to(p.device)).contiguous()
+    if isinstance(p, nn.Parameter):
+        if p.grad is not None:
+            p.grad = p.grad.index_select(dim, idx.to(p.device)).contiguous()
+        for opt in optimizers:
+            for key, value in opt.state.get(p, {}).items():
+                # per-element state (momentum, exp_avg, exp_avg_sq); scalars such as "step" are kept
+                if isinstance(value, Tensor) and value.shape == old_shape:
+                    opt.state[p][key] = value.index_select(dim, idx.to(value.device)).contiguous()
+
+
+def _resize(module: nn.Module, dim: int, size: int) -> None:
+    if isinstance(module, nn.Conv2d):
+        if dim == 0:
+            module.out_channels = size
+        else:
+            module.in_channels = size
+    elif isinstance(module, nn.Linear):
+        if dim == 0:
+            module.out_features = size
+        else:
+            module.in_features = size
+    elif isinstance(module, nn.BatchNorm2d):
+        module.num_features = size
+    else:
+        raise TypeError(f"cannot slice a {type(module).__name__}; expected Conv2d, Linear or BatchNorm2d")
+
+
+def remove_channels(
+    net: MultiExitNet,
+    group: ChannelGroup | str,
+    keep_idx: Sequence[int] | Tensor,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+) -> ArchSpec:
+    """Keep only channels ``keep_idx`` of ``group`` everywhere they are produced or read.
+
+    Args:
+        net: the network; sliced in place and given the new ArchSpec (``net.spec``).
+        group: a group from ``net.channel_groups()`` or its name.
+        keep_idx: channels to keep (any order; sorted here), at least one.
+        optimizers: optimizers whose per-parameter state is sliced with the weights.
+
+    Returns:
+        The new ArchSpec (also set on ``net``); a module should record it with ``set_arch_spec``.
+    """
+    groups = {g.name: g for g in net.channel_groups()}
+    name = group if isinstance(group, str) else group.name
+    if name not in groups:
+        raise ValueError(f"no channel group named {name!r}; valid choices: {sorted(groups)}")
+    g = groups[name]
+    keep = torch.as_tensor(keep_idx, dtype=torch.long).unique(sorted=True)
+    if keep.numel() == 0:
+        raise ValueError(f"keep_idx is empty: a layer may not be left with 0 channels (group {name!r})")
+    if keep.min() < 0 or keep.max() >= g.size:
+        raise ValueError(f"keep_idx must lie in 0..{g.size - 1} for group {name!r}; got {keep.tolist()}")
+    optimizers = list(optimizers)
+    new_spec = net.resized_spec(name, keep.numel())  # validates before anything is touched
+    modules = dict(net.named_modules())
+    places: dict[tuple[str, int], list[ChannelSlice]] = {}
+    for where in (*g.producers, *g.consumers):
+        places.setdefault((where.module, where.dim), []).append(where)
+    for (module_name, dim), slices in places.items():
+        m = modules[module_name]
+        idx = kept_indices(m.weight.shape[dim], slices, g.size, keep)
+        _slice_param(m.weight, dim, idx, optimizers)
+        if dim == 0:
+            if getattr(m, "bias", None) is not None:
+                _slice_param(m.bias, 0, idx, optimizers)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean = m.running_mean.index_select(0, idx.to(m.running_mean.device))
+                m.running_var = m.running_var.index_select(0, idx.to(m.running_var.device))
+        _resize(m, dim, m.weight.shape[dim])
+    net.spec = new_spec
+    return new_spec
