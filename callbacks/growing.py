@@ -20,16 +20,8 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lit_nas.growing import (
-    GROW_INITS,
-    SUMMARY_COLUMNS,
-    active_blocks_at,
-    check_growable,
-    format_summary,
-    identity_init,
-    summary_rows,
-    validate_grow_epochs,
-)
+from lit_nas.cost import COST_COLUMNS, cost_rows, format_costs
+from lit_nas.growing import GROW_INITS, active_blocks_at, check_growable, identity_init, validate_grow_epochs
 from lit_nas.protocol import NASModule, require_nas_module
 
 log = logging.getLogger(__name__)
@@ -65,7 +57,7 @@ class Growing(Callback):
         self.init = init
         #: ``(block, epoch)`` of every activation so far.
         self.history: list[tuple[int, int]] = []
-        self._restored_active: int | None = None
+        self._restored = False  # True once load_state_dict ran (a resumed run)
 
     # -- checks -----------------------------------------------------------------------------------------
     @override
@@ -89,9 +81,9 @@ class Growing(Callback):
             )
         module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
         # Fresh run: block 0 only. Resumed run: the restored count (the checkpoint's ArchSpec says the same).
-        if self._restored_active is None:
+        if not self._restored:
             self.history = []
-        module.set_active_blocks(self._restored_active or 1)
+        module.set_active_blocks(1 + len(self.history))
 
     # -- growth -----------------------------------------------------------------------------------------
     @override
@@ -113,7 +105,7 @@ class Growing(Callback):
         module.set_active_blocks(block + 1)
         self.history.append((block, trainer.current_epoch))
         spec, costs = module.arch_spec, module.costs()
-        summary = format_summary(spec, costs)
+        summary = format_costs(spec, costs)
         log.info("Growing: block %d activated at epoch %d\n%s", block, trainer.current_epoch, summary)
         if trainer.is_global_zero:
             print(f"\nGrowing: block {block} activated at epoch {trainer.current_epoch} ({self.init} init)")
@@ -122,8 +114,8 @@ class Growing(Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_text(
                     "grow/architecture",
-                    columns=SUMMARY_COLUMNS,
-                    data=summary_rows(spec, costs),
+                    columns=COST_COLUMNS,
+                    data=cost_rows(spec, costs),
                     step=trainer.global_step,
                 )
 
@@ -146,4 +138,4 @@ class Growing(Callback):
                 state_dict["grow_epochs"],
             )
         self.history = [(int(b), int(e)) for b, e in state_dict["history"]]
-        self._restored_active = int(state_dict["active_blocks"])
+        self._restored = True

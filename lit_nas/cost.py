@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lit_nas.arch import ArchSpec
 from lit_nas.nets.base import MultiExitNet
 
 
@@ -87,19 +88,45 @@ def count_costs(net: MultiExitNet) -> CostReport:
     )
 
 
-def format_costs(costs: CostReport, block_cells: list[int]) -> str:
-    """Plain-text table: cells, parameters and MFLOPs of each block and its exit."""
-    rows = [
-        f"{'block':>5} {'cells':>5} {'params':>9} {'MFLOPs':>8} | {'exit params':>11} {'exit MFLOPs':>11}"
-    ]
-    for b, n in enumerate(block_cells):
-        ep = costs.exit_params.get(b)
-        ef = costs.exit_flops.get(b)
-        exit_cols = (
-            f"{ep:>11,} {ef / 1e6:>11.3f}" if ep is not None and ef is not None else f"{'-':>11} {'-':>11}"
-        )
+def cost_rows(spec: ArchSpec, costs: CostReport) -> list[list[object]]:
+    """One row per block: block, cells, widths, state, params, MFLOPs, exit params, exit MFLOPs."""
+    rows: list[list[object]] = []
+    for b in range(spec.num_blocks):
+        cells = spec.cells_of_block(b)
+        widths = "/".join(str(spec.cells[i].out) for i in cells)
         rows.append(
-            f"{b:>5} {n:>5} {costs.block_params[b]:>9,} {costs.block_flops[b] / 1e6:>8.2f} | {exit_cols}"
+            [
+                b,
+                len(cells),
+                widths,
+                "active" if b < spec.active_blocks else "inactive",
+                costs.block_params[b],
+                round(costs.block_flops[b] / 1e6, 3),
+                costs.exit_params.get(b, 0),
+                round(costs.exit_flops.get(b, 0) / 1e6, 3),
+            ]
         )
-    rows.append(f"total parameters: {costs.total_params:,}")
-    return "\n".join(rows)
+    return rows
+
+
+COST_COLUMNS = ["block", "cells", "widths", "state", "params", "MFLOPs", "exit_params", "exit_MFLOPs"]
+
+
+def format_costs(spec: ArchSpec, costs: CostReport) -> str:
+    """Plain-text table of the blocks (cells, widths, active or not, parameters, MFLOPs, their exits)."""
+    lines = [
+        f"{'block':>5} {'cells':>5} {'widths':<14} {'state':<8} {'params':>9} {'MFLOPs':>8}"
+        f" | {'exit params':>11} {'exit MFLOPs':>11}"
+    ]
+    for b, n, widths, state, params, mflops, eparams, emflops in cost_rows(spec, costs):
+        lines.append(
+            f"{b:>5} {n:>5} {widths:<14} {state:<8} {params:>9,} {mflops:>8.2f}"
+            f" | {eparams:>11,} {emflops:>11.3f}"
+        )
+    n, total = spec.active_blocks, spec.num_blocks
+    lines.append(
+        f"active: {n}/{total} blocks, {costs.active_params(n):,} of {costs.total_params:,} parameters, "
+        f"{costs.active_flops(n) / 1e6:.2f} of {costs.active_flops(total) / 1e6:.2f} MFLOPs per image "
+        "(all exits included)"
+    )
+    return "\n".join(lines)

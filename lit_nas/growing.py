@@ -17,7 +17,6 @@ from itertools import pairwise
 import torch
 
 from lit_nas.arch import ArchSpec
-from lit_nas.cost import CostReport
 from lit_nas.nets.base import MultiExitNet
 
 #: How a newly activated block starts.
@@ -89,47 +88,3 @@ def identity_init(net: MultiExitNet, block: int) -> list[torch.nn.Parameter]:
     for p in scales:
         p.zero_()
     return scales
-
-
-def summary_rows(spec: ArchSpec, costs: CostReport) -> list[list[object]]:
-    """One row per block: block, cells, widths, state, params, MFLOPs, exit params, exit MFLOPs."""
-    rows: list[list[object]] = []
-    for b in range(spec.num_blocks):
-        cells = spec.cells_of_block(b)
-        widths = "/".join(str(spec.cells[i].out) for i in cells)
-        rows.append(
-            [
-                b,
-                len(cells),
-                widths,
-                "active" if b < spec.active_blocks else "inactive",
-                costs.block_params[b],
-                round(costs.block_flops[b] / 1e6, 3),
-                costs.exit_params.get(b, 0),
-                round(costs.exit_flops.get(b, 0) / 1e6, 3),
-            ]
-        )
-    return rows
-
-
-SUMMARY_COLUMNS = ["block", "cells", "widths", "state", "params", "MFLOPs", "exit_params", "exit_MFLOPs"]
-
-
-def format_summary(spec: ArchSpec, costs: CostReport) -> str:
-    """Readable table of the blocks, which are active, and what the active network costs."""
-    lines = [
-        f"{'block':>5} {'cells':>5} {'widths':<14} {'state':<8} {'params':>9} {'MFLOPs':>8}"
-        f" | {'exit params':>11} {'exit MFLOPs':>11}"
-    ]
-    for b, n, widths, state, params, mflops, eparams, emflops in summary_rows(spec, costs):
-        lines.append(
-            f"{b:>5} {n:>5} {widths:<14} {state:<8} {params:>9,} {mflops:>8.2f}"
-            f" | {eparams:>11,} {emflops:>11.3f}"
-        )
-    n, total = spec.active_blocks, spec.num_blocks
-    lines.append(
-        f"active: {n}/{total} blocks, {costs.active_params(n):,} of {costs.total_params:,} parameters, "
-        f"{costs.active_flops(n) / 1e6:.2f} of {costs.active_flops(total) / 1e6:.2f} MFLOPs per image "
-        "(all exits included)"
-    )
-    return "\n".join(lines)

@@ -183,7 +183,7 @@ class MultiExitModule(L.LightningModule):
                 f"\nArchitecture ({self.arch_spec.kind}, dense={self.arch_spec.dense}, "
                 f"{self.active_blocks}/{self.arch_spec.num_blocks} blocks active):"
             )
-            print(format_costs(costs, self.arch_spec.block_cells))
+            print(format_costs(self.arch_spec, costs))
         for logger in self.loggers:
             logger.log_metrics(
                 {"arch/params": costs.total_params, "arch/mflops": full / 1e6}, step=self.global_step
