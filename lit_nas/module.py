@@ -235,6 +235,10 @@ class MultiExitModule(L.LightningModule):
             self.log(f"{stage}/loss_epoch" if stage == "train" else f"{stage}/loss", total.compute())
         if deepest is not None and stage != "train":
             self.log(f"{stage}/acc", deepest, prog_bar=True)
+            # The complete network's final exit; NaN while blocks are inactive (growing), which
+            # ModelCheckpoint ranks below any real value: monitor it to pick only complete networks.
+            complete = self.active_blocks == self.arch_spec.num_blocks
+            self.log(f"{stage}/acc_full", deepest if complete else torch.full_like(deepest, float("nan")))
         for key, metric in self.metrics.items():
             if key.startswith(f"{stage}_"):
                 metric.reset()

@@ -201,3 +201,8 @@ def test_growing_fast_with_train_py_logs_growth_to_wandb(tmp_path, tiny_fashion)
     assert params[0] < params[2] < params[3] < params[4] == 311_259
     assert sum("grow/architecture/_type" in r for r in rows) == 3  # one W&B table per growth
     assert sum("val/acc_exit3" in r for r in rows) == 1  # the last exit exists from epoch 4 only
+    full = [r["val/acc_full"] for r in rows if "val/acc_full" in r]
+    assert full[:4] == ["NaN"] * 4 and full[4] != "NaN"
+    # the checkpoint tested after fit is the complete network: the only complete epoch is 4
+    assert "best-epoch=004.ckpt" in proc.stdout + proc.stderr
+    assert any("test/acc_exit3" in r for r in rows)
