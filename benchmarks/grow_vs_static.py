@@ -67,16 +67,16 @@ def main() -> None:
         static_path.write_text(yaml.safe_dump(without_growing(config), sort_keys=False))
         results = {"grown": run(grown_path, extra), "static": run(static_path, extra)}
 
-    n_blocks = len(config["model"]["init_args"]["net"].get("exit_depths", [0.3, 0.6, 0.8, 1.0]))
-    print(f"\nGrown vs static, {grown_path.name} (same recipe and epochs; best val/acc checkpoint, test set)")
+    exits = sorted(
+        {int(k.rsplit("exit", 1)[1]) for r in results.values() for k in r["metrics"] if "/acc_exit" in k}
+    )
+    print(f"\nGrown vs static, {grown_path.name} (same recipe and epochs; best checkpoint, test set)")
     header = f"{'run':<7} {'wall min':>8} {'best ckpt':<26} {'active':>6} " + " ".join(
-        f"{'exit' + str(b):>6}" for b in range(n_blocks)
+        f"{'exit' + str(b):>6}" for b in exits
     )
     print(header)
     for name, r in results.items():
-        accs = " ".join(
-            f"{100 * r['metrics'].get(f'test/acc_exit{b}', float('nan')):>6.2f}" for b in range(n_blocks)
-        )
+        accs = " ".join(f"{100 * r['metrics'].get(f'test/acc_exit{b}', float('nan')):>6.2f}" for b in exits)
         print(f"{name:<7} {r['wall_s'] / 60:>8.1f} {Path(r['best']).name:<26} {r['best_active']!s:>6} {accs}")
     qs = sorted(
         {

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lit_nas.cost import COST_COLUMNS, cost_rows, format_costs
+from lit_nas.cost import COST_COLUMNS, CostReport, cost_rows, format_costs
 from lit_nas.growing import GROW_INITS, active_blocks_at, check_growable, identity_init, validate_grow_epochs
 from lit_nas.protocol import NASModule, require_nas_module
 
@@ -90,25 +90,29 @@ class Growing(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module: NASModule = pl_module  # type: ignore[assignment]
         target = active_blocks_at(trainer.current_epoch, self.grow_epochs)
+        grown = []
         while module.active_blocks < target:
-            self._grow(trainer, module)
-        n = module.active_blocks
-        costs = module.costs()
+            block = module.active_blocks
+            if self.init == "identity":
+                identity_init(module.net, block)
+            module.set_active_blocks(block + 1)
+            self.history.append((block, trainer.current_epoch))
+            grown.append(block)
+        n, costs = module.active_blocks, module.costs()
+        if grown:
+            self._report(trainer, module, grown, costs)
         pl_module.log("grow/active_blocks", float(n), on_step=False, on_epoch=True)
         pl_module.log("grow/active_params", float(costs.active_params(n)), on_step=False, on_epoch=True)
         pl_module.log("grow/active_mflops", costs.active_flops(n) / 1e6, on_step=False, on_epoch=True)
 
-    def _grow(self, trainer: L.Trainer, module: NASModule) -> None:
-        block = module.active_blocks
-        if self.init == "identity":
-            identity_init(module.net, block)
-        module.set_active_blocks(block + 1)
-        self.history.append((block, trainer.current_epoch))
-        spec, costs = module.arch_spec, module.costs()
+    def _report(self, trainer: L.Trainer, module: NASModule, grown: list[int], costs: CostReport) -> None:
+        """Print and log the architecture after the blocks in ``grown`` activated."""
+        spec, epoch = module.arch_spec, trainer.current_epoch
         summary = format_costs(spec, costs)
-        log.info("Growing: block %d activated at epoch %d\n%s", block, trainer.current_epoch, summary)
+        log.info("Growing: blocks %s activated at epoch %d\n%s", grown, epoch, summary)
         if trainer.is_global_zero:
-            print(f"\nGrowing: block {block} activated at epoch {trainer.current_epoch} ({self.init} init)")
+            for block in grown:
+                print(f"\nGrowing: block {block} activated at epoch {epoch} ({self.init} init)")
             print(summary)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -122,12 +126,8 @@ class Growing(Callback):
     # -- state ------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "grow_epochs": list(self.grow_epochs),
-            "init": self.init,
-            "active_blocks": 1 + len(self.history),
-            "history": [list(h) for h in self.history],
-        }
+        # the number of active blocks is 1 + len(history); the ArchSpec in the checkpoint records it too
+        return {"grow_epochs": list(self.grow_epochs), "history": [list(h) for h in self.history]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -194,6 +194,10 @@ class ArchSpec:
                 "a partially active network needs an exit after its last active block"
             )
 
+    def with_active_blocks(self, n: int) -> ArchSpec:
+        """A copy of this spec with ``n`` active blocks (validated)."""
+        return ArchSpec.from_dict({**self.to_dict(), "active_blocks": n})
+
     # ----------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (safe for ``torch.load(weights_only=True)`` and YAML/JSON)."""

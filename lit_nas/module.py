@@ -140,8 +140,7 @@ class MultiExitModule(L.LightningModule):
 
     def set_active_blocks(self, n: int) -> None:
         """Activate blocks ``0..n-1``; the spec (and so the checkpoint) records it."""
-        spec = ArchSpec.from_dict({**self.arch_spec.to_dict(), "active_blocks": n})
-        self.net.spec = spec
+        self.net.spec = self.arch_spec.with_active_blocks(n)
 
     def prunable_weights(self, include_exits: bool = False) -> dict[int, dict[str, nn.Parameter]]:
         """Conv/linear weights per block, named relative to the module (``net.blocks.0...``)."""
@@ -350,11 +349,8 @@ class MultiExitModule(L.LightningModule):
             raise CheckpointArchError(f"checkpoint's {ARCH_KEY!r} entry is corrupt: {err}") from err
         if spec == self.arch_spec:
             return
-        same_layers = (
-            ArchSpec.from_dict({**spec.to_dict(), "active_blocks": self.active_blocks}) == self.arch_spec
-        )
-        if same_layers:  # only the number of active blocks differs (growing): same parameters
-            self.set_active_blocks(spec.active_blocks)
+        if spec.with_active_blocks(self.active_blocks) == self.arch_spec:
+            self.set_active_blocks(spec.active_blocks)  # only growing differs: same parameters, no rebuild
         else:
             log.info("rebuilding the network from the checkpoint's ArchSpec")
             self.set_arch_spec(spec, rebuild=True)

@@ -37,19 +37,17 @@ def kept_indices(total: int, slices: Iterable[ChannelSlice], group_size: int, ke
     return mask.nonzero().flatten()
 
 
-def _slice_param(
-    p: nn.Parameter | Tensor, dim: int, idx: Tensor, optimizers: Sequence[torch.optim.Optimizer]
-):
+def _slice_param(p: nn.Parameter, dim: int, idx: Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> None:
     old_shape = p.shape
-    p.data = p.data.index_select(dim, idx.to(p.device)).contiguous()
-    if isinstance(p, nn.Parameter):
-        if p.grad is not None:
-            p.grad = p.grad.index_select(dim, idx.to(p.device)).contiguous()
-        for opt in optimizers:
-            for key, value in opt.state.get(p, {}).items():
-                # per-element state (momentum, exp_avg, exp_avg_sq); scalars such as "step" are kept
-                if isinstance(value, Tensor) and value.shape == old_shape:
-                    opt.state[p][key] = value.index_select(dim, idx.to(value.device)).contiguous()
+    idx = idx.to(p.device)
+    p.data = p.data.index_select(dim, idx).contiguous()  # same Parameter object: optimizers keep it
+    if p.grad is not None:
+        p.grad = p.grad.index_select(dim, idx).contiguous()
+    for opt in optimizers:
+        for key, value in opt.state.get(p, {}).items():
+            # per-element state (momentum, exp_avg, exp_avg_sq); scalars such as "step" are kept
+            if isinstance(value, Tensor) and value.shape == old_shape:
+                opt.state[p][key] = value.index_select(dim, idx.to(value.device)).contiguous()
 
 
 def _resize(module: nn.Module, dim: int, size: int) -> None:
