@@ -6,5 +6,6 @@ imports ``lit_nas`` (never the other way round).
 
 import lit_nas  # noqa: F401  (first: makes torchvision importable next to a CPU torch)
 from callbacks.growing import Growing
+from callbacks.snip import SnipPruning
 
-__all__ = ["Growing"]
+__all__ = ["Growing", "SnipPruning"]

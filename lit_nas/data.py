@@ -215,6 +215,26 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader("test", shuffle=False)
 
+    def criterion_batches(self, num_batches: int, batch_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+        """Distinct training images for a pruning criterion: normalised, not augmented, on the CPU.
+
+        Drawn without replacement from the training split by a generator seeded with ``(seed, run seed)``,
+        so every rank (and a resumed run) draws the same images, and the training order and augmentation
+        are left untouched.
+        """
+        if self.mean is None or self.std is None:
+            raise RuntimeError("call setup() before criterion_batches(): the data is not loaded")
+        ds = self._splits["train"]
+        n = num_batches * batch_size
+        if n > len(ds):
+            raise ValueError(
+                f"{num_batches} criterion batches of {batch_size} need {n} images; the training split has "
+                f"{len(ds)}"
+            )
+        g = torch.Generator().manual_seed(_mix(self._seed, seed, 2))
+        idx = torch.randperm(len(ds), generator=g)[:n].view(num_batches, batch_size)
+        return [self.prepare_batch(ds.__getitems__(i.tolist()), train=False) for i in idx]
+
     def prepare_batch(
         self, batch: tuple[Tensor, Tensor], train: bool, epoch: int = 0, rank: int = 0
     ) -> tuple[Tensor, Tensor]:

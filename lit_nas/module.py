@@ -23,6 +23,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_nas.arch import ArchSpec, DataShape, NetConfig
 from lit_nas.cost import CostReport, count_costs, format_costs
 from lit_nas.early_exit import EarlyExitResult, early_exit, format_table
+from lit_nas.masks import (
+    apply_masks,
+    attach_masks,
+    ensure_mask_buffers,
+    get_masks,
+    mask_grads,
+    mask_optimizer_state,
+    masked_pairs,
+)
 from lit_nas.nets import build_net
 from lit_nas.nets.base import ChannelGroup, ExitLogits, MultiExitNet
 from lit_nas.objectives import ExitLossConfig, exit_weights, multi_exit_loss
@@ -106,6 +115,8 @@ class MultiExitModule(L.LightningModule):
             }
         )
         self.net: MultiExitNet = build_net(spec)
+        self._mask_pairs: list[tuple[nn.Parameter, Tensor]] | None = None  # cache; None = re-read
+        self._search_pending: set[str] = set()  # callbacks that will still change the architecture
         self._loss_terms: dict[str, LossTerm] = {}
         self._build_metrics()
         self._test_records: list[tuple[Tensor, Tensor]] = []
@@ -130,6 +141,7 @@ class MultiExitModule(L.LightningModule):
             self.net = build_net(spec).to(device=ref.device, dtype=ref.dtype)
         else:
             self.net.spec = spec
+        self._mask_pairs = None  # surgery slices (replaces) mask buffers; a rebuild drops them
         if set(self.metrics) != set(self._metric_keys()):
             self._build_metrics()
 
@@ -153,6 +165,17 @@ class MultiExitModule(L.LightningModule):
         """Channel groups of the network (module names relative to ``self.net``)."""
         return self.net.channel_groups()
 
+    def set_search_pending(self, who: str, pending: bool) -> None:
+        """Say whether callback ``who`` will still change the architecture.
+
+        ``val/acc_full`` is NaN while any callback is pending, so a checkpoint monitoring it is never a
+        half-searched network.
+        """
+        if pending:
+            self._search_pending.add(who)
+        else:
+            self._search_pending.discard(who)
+
     def add_loss_term(self, name: str, fn: LossTerm) -> None:
         """Add ``fn(images, targets, outputs)`` to the training loss; logged as ``name``."""
         if name in self._loss_terms:
@@ -166,6 +189,32 @@ class MultiExitModule(L.LightningModule):
     def costs(self) -> CostReport:
         """FLOPs and parameters per block and exit of the current network."""
         return count_costs(self.net)
+
+    def masks(self) -> dict[str, Tensor]:
+        """Weight masks (1 kept, 0 pruned) by parameter name, as in :meth:`prunable_weights`."""
+        return get_masks(self)
+
+    def set_masks(self, masks: dict[str, Tensor]) -> None:
+        """Set the masks of the named parameters (others keep theirs) and apply them at once.
+
+        Pruned weights are zeroed, and so is their per-element optimizer state (momentum, Adam moments);
+        from then on gradients are masked before and weights after every optimizer step, so they stay
+        exactly zero through momentum, weight decay, growth, checkpoints and resumes.
+        """
+        attach_masks(self, masks)
+        self._mask_pairs = None
+        if self._trainer is not None:
+            params, current = dict(self.named_parameters()), get_masks(self)
+            mask_optimizer_state(self.trainer.optimizers, [(params[n], current[n]) for n in masks])
+
+    def _masked(self) -> list[tuple[nn.Parameter, Tensor]]:
+        if self._mask_pairs is None:
+            self._mask_pairs = masked_pairs(self)
+        return self._mask_pairs
+
+    def _apply(self, fn, *args, **kwargs):
+        self._mask_pairs = None  # .to()/.double() replace buffer tensors: the cached pairs would be stale
+        return super()._apply(fn, *args, **kwargs)
 
     # -- computation ------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> ExitLogits:
@@ -234,9 +283,10 @@ class MultiExitModule(L.LightningModule):
             self.log(f"{stage}/loss_epoch" if stage == "train" else f"{stage}/loss", total.compute())
         if deepest is not None and stage != "train":
             self.log(f"{stage}/acc", deepest, prog_bar=True)
-            # The complete network's final exit; NaN while blocks are inactive (growing), which
-            # ModelCheckpoint ranks below any real value: monitor it to pick only complete networks.
-            complete = self.active_blocks == self.arch_spec.num_blocks
+            # The complete network's final exit; NaN while blocks are inactive (growing) or a callback will
+            # still prune, which ModelCheckpoint ranks below any real value: monitor it to pick only
+            # finished networks.
+            complete = self.active_blocks == self.arch_spec.num_blocks and not self._search_pending
             self.log(f"{stage}/acc_full", deepest if complete else torch.full_like(deepest, float("nan")))
         for key, metric in self.metrics.items():
             if key.startswith(f"{stage}_"):
@@ -323,6 +373,15 @@ class MultiExitModule(L.LightningModule):
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mask the gradients of pruned weights (no momentum or Adam moments build up for them)."""
+        mask_grads(self._masked())
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step, then re-zero the pruned weights (in place: what a dense step costs, plus one multiply)."""
+        super().optimizer_step(*args, **kwargs)
+        apply_masks(self._masked())
+
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimizer over every parameter (inactive blocks receive no gradient and are skipped by it)."""
         opt = self.optimizer_config.build(self.param_groups())
@@ -347,13 +406,14 @@ class MultiExitModule(L.LightningModule):
             spec = ArchSpec.from_dict(checkpoint[ARCH_KEY])
         except (TypeError, ValueError) as err:
             raise CheckpointArchError(f"checkpoint's {ARCH_KEY!r} entry is corrupt: {err}") from err
-        if spec == self.arch_spec:
-            return
-        if spec.with_active_blocks(self.active_blocks) == self.arch_spec:
+        if spec != self.arch_spec and spec.with_active_blocks(self.active_blocks) == self.arch_spec:
             self.set_active_blocks(spec.active_blocks)  # only growing differs: same parameters, no rebuild
-        else:
+        elif spec != self.arch_spec:
             log.info("rebuilding the network from the checkpoint's ArchSpec")
             self.set_arch_spec(spec, rebuild=True)
+        # masks are buffers created by pruning: a fresh network lacks them until the weights load into them
+        ensure_mask_buffers(self, checkpoint.get("state_dict", {}))
+        self._mask_pairs = None
 
     @classmethod
     def spec_from_checkpoint(cls, path: str | Path) -> ArchSpec:

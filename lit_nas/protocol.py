@@ -55,6 +55,18 @@ class NASModule(Protocol):
         """FLOPs and parameters per block and exit of the current network (all blocks)."""
         ...
 
+    def masks(self) -> dict[str, Tensor]:
+        """Weight masks (1 kept, 0 pruned) by parameter name; only masked parameters appear."""
+        ...
+
+    def set_masks(self, masks: dict[str, Tensor]) -> None:
+        """Set and apply the masks of the named parameters; they stay applied for the rest of training."""
+        ...
+
+    def set_search_pending(self, who: str, pending: bool) -> None:
+        """Whether callback ``who`` will still change the architecture (model selection waits for it)."""
+        ...
+
     def add_loss_term(self, name: str, fn: LossTerm) -> None:
         """Add ``fn``'s value to the training loss (logged under ``name``)."""
         ...
@@ -73,6 +85,9 @@ _MEMBERS = (
     "prunable_weights",
     "channel_groups",
     "costs",
+    "masks",
+    "set_masks",
+    "set_search_pending",
     "add_loss_term",
     "remove_loss_term",
 )

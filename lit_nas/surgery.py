@@ -2,9 +2,9 @@
 
 ShrinkNets draft, section 3.5.2 (neural garbage collection): every layer that produces or reads the removed
 channels is sliced (conv out/in, BatchNorm weight/bias/running statistics, exits' linear inputs, the slices
-of a dense concatenation, every member of a residual stream), and so is the optimizer state of each sliced
-parameter, so the optimizer keeps optimizing the same tensors. The ArchSpec is updated, so checkpoints
-rebuild the smaller network.
+of a dense concatenation, every member of a residual stream), and so are the weight masks and the
+optimizer state of each sliced parameter, so the optimizer keeps optimizing the same tensors. The ArchSpec
+is updated, so checkpoints rebuild the smaller network.
 
 Parameters are sliced *in place* (``p.data = ...``): the ``nn.Parameter`` objects stay the same, so the
 optimizer's ``param_groups`` and the identity of every tensor it holds remain valid.
@@ -104,6 +104,9 @@ def remove_channels(
         m = modules[module_name]
         idx = kept_indices(m.weight.shape[dim], slices, g.size, keep)
         _slice_param(m.weight, dim, idx, optimizers)
+        mask = getattr(m, "weight_mask", None)  # a pruning mask (lit_nas.masks) is sliced with its weight
+        if mask is not None:
+            m.weight_mask = mask.index_select(dim, idx.to(mask.device)).contiguous()
         if dim == 0:
             if getattr(m, "bias", None) is not None:
                 _slice_param(m.bias, 0, idx, optimizers)

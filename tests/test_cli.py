@@ -1,5 +1,6 @@
 """The CLI: every config runs, bare config names resolve, bad input fails before training, W&B offline."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,43 @@ def test_growing_fast_with_train_py_logs_growth_to_wandb(tmp_path, tiny_fashion)
     # the checkpoint tested after fit is the complete network: the only complete epoch is 4
     assert "best-epoch=004.ckpt" in proc.stdout + proc.stderr
     assert any("test/acc_exit3" in r for r in rows)
+
+
+def test_dense_iterative_fast_with_train_py_logs_pruning_to_wandb(tmp_path):
+    """The flagship's fast twin through train.py: pruning events, snip/* curves, map, found architecture."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for name, n in [("train", 176), ("t10k", 32)]:
+        write_idx(root / f"{name}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz=False)
+        write_idx(root / f"{name}-labels-idx1-ubyte", rng.integers(0, 10, (n,)), gz=False)
+    proc = run_train(
+        tmp_path,
+        f"--data.init_args.root={root}",
+        "--data.init_args.val_size=16",
+        "--data.init_args.batch_size=16",
+        "--trainer.max_epochs=9",
+        "--trainer.limit_train_batches=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        config="dense_iterative_fast.yaml",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for epoch in (1, 3, 4, 5, 6, 7):
+        assert f"SnipPruning at epoch {epoch} (iterative, reinit=False):" in proc.stdout
+    assert "block 3: step 3/3, keep 0.300" in proc.stdout
+    run_dir = next((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    rows = history(next(run_dir.glob("run-*.wandb")))
+    kept = [float(r["snip/kept_params"]) for r in rows if "snip/kept_params" in r]
+    assert len(kept) == 9 and kept[0] > kept[1] > kept[5] > kept[7] == kept[8]
+    sparsity = [float(r["snip/sparsity_block3"]) for r in rows if "snip/sparsity_block3" in r]
+    assert sparsity[4] == 0.0 and abs(sparsity[-1] - 0.7) < 1e-3
+    assert sum("snip/connectivity/_type" in r for r in rows) == 6  # one image per pruning event
+    assert sum("snip/connectivity_table/_type" in r for r in rows) == 6
+    assert len(list(run_dir.glob("files/snip/connectivity_epoch00*.png"))) == 6
+    full = [r["val/acc_full"] for r in rows if "val/acc_full" in r]
+    # the last pruning opens epoch 7: only the finished network (epochs 7, 8) can be the checkpoint tested
+    assert full[:7] == ["NaN"] * 7 and "NaN" not in full[7:]
+    assert int(re.search(r"best-epoch=(\d+)\.ckpt", proc.stdout + proc.stderr).group(1)) >= 7
+    found = list((tmp_path / "runs").glob("lit_nas/*/checkpoints/found_arch.yaml"))
+    assert found and (found[0].parent / "found_masks.pt").is_file()

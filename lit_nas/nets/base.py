@@ -178,6 +178,10 @@ class MultiExitNet(nn.Module):
         """Which slice of ``cell``'s first-conv input comes from which earlier feature."""
         raise NotImplementedError
 
+    def cell_input_layer(self, cell: int) -> str:
+        """Name of the layer of ``cell`` that reads the slices of :meth:`dense_sources` (its first conv)."""
+        raise NotImplementedError
+
     def resized_spec(self, group: str, size: int) -> ArchSpec:
         """The ArchSpec after channel group ``group`` (a name from :meth:`channel_groups`) has ``size``."""
         raise NotImplementedError

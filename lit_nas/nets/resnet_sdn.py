@@ -122,6 +122,10 @@ class ResNetSDN(MultiExitNet):
             start += widths[j]
         return out
 
+    def cell_input_layer(self, cell: int) -> str:
+        """``blocks.<b>.cells.<k>.conv1``: the conv that reads the (dense) input of ``cell``."""
+        return f"{self._cell_name(cell)}.conv1"
+
     def resized_spec(self, group: str, size: int) -> ArchSpec:
         """``cell{i}.mid`` sets that cell's inner width; ``stream{s}`` sets every feature of the stream."""
         spec = ArchSpec.from_dict(self.spec.to_dict())

@@ -1,0 +1,385 @@
+"""``SnipPruning``: SNIP connection-sensitivity pruning that follows the growth (Inria thesis, sections 4-5).
+
+Example (YAML, the thesis's flagship: dense super-network, iterative, table 13)::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.Growing
+          init_args: {grow_epochs: [25, 50, 75]}
+        - class_path: callbacks.SnipPruning
+          init_args:
+            keep_ratio: 0.3
+            mode: iterative
+            steps: 3
+            prune_epochs: [10, 35, 60, 85, 95, 105, 115]
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from itertools import pairwise
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lit_nas.masks import ConnectivityMap, connectivity_map, kept_count, save_masks
+from lit_nas.nets.base import ExitLogits
+from lit_nas.protocol import NASModule, require_nas_module
+from lit_nas.pruning import (
+    KEEP_SCHEDULES,
+    PruneSchedule,
+    keep_ratio_steps,
+    reinitialized,
+    snip_block_masks,
+    snip_scores,
+)
+
+log = logging.getLogger(__name__)
+
+MODES = ("one_shot", "iterative")
+CRITERION_LOSSES = ("sum", "final")
+
+
+class SnipPruning(Callback):
+    """Prune each block's connections by SNIP sensitivity ``|g * w|``, some epochs after it activates.
+
+    **When.** Block ``b`` becomes eligible ``after_epochs`` epochs after it activates (all blocks activate at
+    epoch 0 without :class:`~callbacks.Growing`). ``one_shot`` prunes it once, straight to its keep ratio;
+    ``iterative`` reaches the ratio in ``steps`` prunings, at the next pruning events. The events are
+    ``prune_epochs`` when given (the thesis: ``[10, 35, 60, 85, 95, 105, 115]``); by default an event is the
+    epoch a block becomes eligible, and once every block has been pruned once, every ``after_epochs``
+    epochs while a block still has steps to go (:class:`lit_nas.pruning.PruneSchedule`). With growth at
+    25/50/75 that gives 10/35/60/85 (one-shot) and 10/35/60/85/95/105 (3 steps). The work happens before
+    the first training batch of the epoch, after every ``on_train_epoch_start`` (so the callbacks' order
+    does not matter).
+
+    **What.** Scope: the conv and linear weights of each block (the stem is in block 0), plus its exit's
+    with ``include_exits``. Ranking is local to each block: it keeps exactly ``round(ratio * weights)`` of
+    them. Intermediate ratios follow :func:`lit_nas.pruning.keep_ratio_steps` (geometric by default: every
+    step removes the same fraction of the survivors). A step scores only the survivors and never revives a
+    pruned weight. Scores use the current weights (``reinit: false``, thesis section 4.2) or, as original
+    SNIP, a fresh He-normal re-initialisation that is undone after scoring (``reinit: true``).
+
+    The masks are the model's (``NASModule.set_masks``): buffers in every checkpoint, applied to gradients
+    and weights around each optimizer step, so pruned weights stay exactly zero through momentum, weight
+    decay, growth and resumes.
+
+    Until every block has had all its prunings, ``val/acc_full`` is NaN, so a ``ModelCheckpoint``
+    monitoring it only ever picks the pruned network (never a denser one from before the last prune).
+
+    **Logs.** Every epoch ``snip/kept_params``, ``snip/kept_params_block{i}``, ``snip/sparsity_block{i}``
+    and ``snip/dead_edges``; after every prune the connectivity map of the dense concatenation (kept
+    fraction per source -> target edge) as the W&B image ``snip/connectivity`` (also written as a PNG next
+    to the run's files) and table ``snip/connectivity_table``. At fit end the architecture found and its
+    masks are written next to the checkpoints (``found_arch.yaml``, ``found_masks.pt``).
+
+    Args:
+        keep_ratio: fraction of each block's weights kept at the end: one number, or one per block (the
+            thesis's decreasing ratios, e.g. ``[0.8, 0.7, 0.6, 0.5]``).
+        mode: ``one_shot`` or ``iterative``.
+        steps: prunings per block in ``iterative`` mode (default 3); ``one_shot`` is one step.
+        schedule: intermediate keep ratios of ``iterative``: ``geometric`` or ``linear``.
+        after_epochs: epochs a block trains between activating and its first pruning (thesis: 10).
+        prune_epochs: explicit pruning events (0-based epochs), strictly increasing.
+        criterion_loss: loss the scores differentiate: ``sum`` of the active exits' losses or ``final``
+            (the deepest active exit only).
+        criterion_batch_size: images per criterion batch (thesis: 128; it tried up to 896).
+        criterion_batches: batches averaged per score (n batches of B score like one batch of n * B).
+        reinit: score a fresh re-initialisation instead of the trained weights (original SNIP).
+        include_exits: prune the exits' linear layers too (ranked with their block).
+        save_found: write ``found_arch.yaml`` and ``found_masks.pt`` at fit end.
+    """
+
+    def __init__(
+        self,
+        keep_ratio: float | list[float],
+        mode: Literal["one_shot", "iterative"] = "one_shot",
+        steps: int | None = None,
+        schedule: Literal["geometric", "linear"] = "geometric",
+        after_epochs: int = 10,
+        prune_epochs: list[int] | None = None,
+        criterion_loss: Literal["sum", "final"] = "sum",
+        criterion_batch_size: int = 128,
+        criterion_batches: int = 1,
+        reinit: bool = False,
+        include_exits: bool = False,
+        save_found: bool = True,
+    ) -> None:
+        super().__init__()
+        ratios = [keep_ratio] if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
+        if not ratios or any(isinstance(r, bool) or not 0 < r <= 1 for r in ratios):
+            raise ValueError(
+                f"SnipPruning keep_ratio must be in (0, 1] (one or one per block); got {keep_ratio}"
+            )
+        if mode not in MODES:
+            raise ValueError(f"SnipPruning mode must be one of {list(MODES)}; got {mode!r}")
+        if mode == "one_shot" and steps not in (None, 1):
+            raise ValueError(
+                f"SnipPruning mode 'one_shot' prunes once; got steps={steps} (use mode: iterative)"
+            )
+        steps = 1 if mode == "one_shot" else (3 if steps is None else steps)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"SnipPruning steps must be an integer >= 1; got {steps!r}")
+        if schedule not in KEEP_SCHEDULES:
+            raise ValueError(f"SnipPruning schedule must be one of {list(KEEP_SCHEDULES)}; got {schedule!r}")
+        if not isinstance(after_epochs, int) or after_epochs < 0:
+            raise ValueError(f"SnipPruning after_epochs must be an integer >= 0; got {after_epochs!r}")
+        if prune_epochs is not None:
+            prune_epochs = list(prune_epochs)
+            if (
+                not prune_epochs
+                or any(not isinstance(e, int) or e < 0 for e in prune_epochs)
+                or any(b <= a for a, b in pairwise(prune_epochs))
+            ):
+                raise ValueError(
+                    f"SnipPruning prune_epochs must be non-negative integers, strictly increasing; got "
+                    f"{prune_epochs}"
+                )
+        if criterion_loss not in CRITERION_LOSSES:
+            raise ValueError(
+                f"SnipPruning criterion_loss must be one of {list(CRITERION_LOSSES)}; got {criterion_loss!r}"
+            )
+        if criterion_batch_size < 1 or criterion_batches < 1:
+            raise ValueError(
+                f"SnipPruning criterion_batch_size and criterion_batches must be >= 1; got "
+                f"{criterion_batch_size}, {criterion_batches}"
+            )
+        self.keep_ratio = ratios
+        self.mode = mode
+        self.steps = steps
+        self.schedule = schedule
+        self.after_epochs = after_epochs
+        self.prune_epochs = prune_epochs
+        self.criterion_loss = criterion_loss
+        self.criterion_batch_size = criterion_batch_size
+        self.criterion_batches = criterion_batches
+        self.plan = PruneSchedule(steps, after_epochs, None if prune_epochs is None else tuple(prune_epochs))
+        self.reinit = reinit
+        self.include_exits = include_exits
+        self.save_found = save_found
+        #: block -> epoch at which it was first seen active
+        self.activated: dict[int, int] = {}
+        #: block -> prunings done
+        self.steps_done: dict[int, int] = {}
+        #: one row per block pruning: (epoch, block, step, target keep ratio, kept, total)
+        self.history: list[tuple[int, int, int, float, int, int]] = []
+        self._checked_epoch = -1
+        self._restored = False
+        self.last_map: ConnectivityMap | None = None
+        self.found_paths: tuple[Path, Path] | None = None
+
+    # -- checks -----------------------------------------------------------------------------------------
+    def ratios(self, num_blocks: int) -> list[float]:
+        """Final keep ratio of every block."""
+        return self.keep_ratio * num_blocks if len(self.keep_ratio) == 1 else list(self.keep_ratio)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        module = require_nas_module(pl_module, "SnipPruning")
+        if stage != "fit":
+            return
+        n = module.arch_spec.num_blocks
+        if len(self.keep_ratio) not in (1, n):
+            raise ValueError(
+                f"SnipPruning keep_ratio has {len(self.keep_ratio)} entries; the network has {n} blocks "
+                "(give one ratio, or one per block)"
+            )
+        max_epochs = None if trainer.fast_dev_run else trainer.max_epochs
+        if (
+            self.prune_epochs
+            and max_epochs is not None
+            and max_epochs > 0
+            and self.prune_epochs[-1] >= max_epochs
+        ):
+            raise ValueError(
+                f"SnipPruning prune_epochs {self.prune_epochs} reach past the last epoch ({max_epochs - 1}) "
+                f"of max_epochs={max_epochs}"
+            )
+        data = trainer.datamodule
+        if not callable(getattr(data, "criterion_batches", None)):
+            raise TypeError(
+                "SnipPruning draws its criterion batches from the datamodule's "
+                "criterion_batches(num_batches, batch_size, seed) (lit_nas.data.ImageDataModule has it); "
+                f"got {type(data).__name__}"
+            )
+        empty = [b for b, ws in module.prunable_weights(self.include_exits).items() if not ws]
+        if empty:
+            raise ValueError(f"SnipPruning: blocks {empty} have no conv or linear weights to prune")
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._restored:  # a fresh run: forget any previous fit of this callback object
+            self.activated, self.steps_done, self.history, self._checked_epoch = {}, {}, [], -1
+        self._update_pending(pl_module)  # type: ignore[arg-type]
+
+    def _update_pending(self, module: NASModule) -> None:
+        done = all(self.steps_done.get(b, 0) >= self.steps for b in range(module.arch_spec.num_blocks))
+        module.set_search_pending("SnipPruning", not done)
+
+    # -- when -------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        epoch = trainer.current_epoch
+        if epoch == self._checked_epoch:
+            return
+        self._checked_epoch = epoch
+        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        for b in range(module.active_blocks):
+            self.activated.setdefault(b, epoch)
+        last_event = self.history[-1][0] if self.history else None
+        blocks = self.plan.blocks_at(
+            epoch, self.activated, self.steps_done, last_event, module.arch_spec.num_blocks
+        )
+        if blocks:
+            self._prune(trainer, module, blocks, epoch)
+        self._log_state(pl_module, module)
+
+    # -- what -------------------------------------------------------------------------------------------
+    def _loss(self, out: ExitLogits, y: Tensor) -> Tensor:
+        if self.criterion_loss == "final":
+            return nn.functional.cross_entropy(out.logits[-1], y)
+        return sum(nn.functional.cross_entropy(lg, y) for lg in out.logits)  # type: ignore[return-value]
+
+    def _prune(self, trainer: L.Trainer, module: NASModule, blocks: list[int], epoch: int) -> None:
+        scope = module.prunable_weights(self.include_exits)
+        params = {n: p for b in blocks for n, p in scope[b].items()}
+        current = module.masks()
+        batches = trainer.datamodule.criterion_batches(  # type: ignore[union-attr]
+            self.criterion_batches, self.criterion_batch_size, seed=epoch
+        )
+        device = next(iter(params.values())).device
+        gen = torch.Generator(device=device).manual_seed(1_000_003 * (epoch + 1))
+        with reinitialized(params, current, gen) if self.reinit else nullcontext():
+            scores = snip_scores(module, batches, self._loss, params)  # type: ignore[arg-type]
+        ratios = self.ratios(module.arch_spec.num_blocks)
+        new: dict[str, Tensor] = {}
+        rows = []
+        for b in blocks:
+            step = self.steps_done.get(b, 0)
+            target = keep_ratio_steps(ratios[b], self.steps, self.schedule)[step]
+            total = sum(p.numel() for p in scope[b].values())
+            block_masks = snip_block_masks({n: scores[n] for n in scope[b]}, round(target * total), current)
+            new.update(block_masks)
+            self.steps_done[b] = step + 1
+            kept = sum(int(m.count_nonzero()) for m in block_masks.values())
+            rows.append((epoch, b, step + 1, target, kept, total))
+        # ranks score the same images with the same weights; rank 0's masks make sure they agree exactly
+        new = trainer.strategy.broadcast(new, src=0)
+        module.set_masks(new)
+        self.history.extend(rows)
+        self._update_pending(module)
+        self._report(trainer, module, rows, epoch)
+
+    # -- logs -------------------------------------------------------------------------------------------
+    def _log_state(self, pl_module: L.LightningModule, module: NASModule) -> None:
+        masks = module.masks()
+        total_kept = 0
+        for b, ws in module.prunable_weights(self.include_exits).items():
+            kept, total = kept_count(ws, masks), sum(p.numel() for p in ws.values())
+            total_kept += kept
+            pl_module.log(f"snip/kept_params_block{b}", float(kept), on_step=False, on_epoch=True)
+            pl_module.log(f"snip/sparsity_block{b}", 1.0 - kept / total, on_step=False, on_epoch=True)
+        pl_module.log("snip/kept_params", float(total_kept), on_step=False, on_epoch=True)
+        cmap = connectivity_map(module.net, masks, prefix="net.")
+        pl_module.log("snip/dead_edges", float(len(cmap.dead_edges)), on_step=False, on_epoch=True)
+
+    def _report(self, trainer: L.Trainer, module: NASModule, rows: list[tuple], epoch: int) -> None:
+        cmap = connectivity_map(module.net, module.masks(), prefix="net.")
+        self.last_map = cmap
+        if not trainer.is_global_zero:
+            return
+        lines = [f"\nSnipPruning at epoch {epoch} ({self.mode}, reinit={self.reinit}):"]
+        lines += [
+            f"  block {b}: step {s}/{self.steps}, keep {t:.3f} -> {k:,}/{n:,} weights kept"
+            for _, b, s, t, k, n in rows
+        ]
+        dead = cmap.dead_edges
+        lines.append(f"  dead edges: {len(dead)}/{cmap.num_edges}" + (f" {dead}" if dead else ""))
+        png = cmap.save_png(
+            artifact_dir(trainer) / "snip" / f"connectivity_epoch{epoch:03d}.png",
+            title=f"epoch {epoch}: kept fraction per edge, {len(dead)}/{cmap.num_edges} edges dead",
+        )
+        lines.append(f"  connectivity map: {png}")
+        print("\n".join(lines))
+        log.info("\n".join(lines))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("snip/connectivity", images=[str(png)], step=trainer.global_step)
+                logger.log_table(
+                    "snip/connectivity_table",
+                    columns=["target", *cmap.sources],
+                    data=cmap.rows(),
+                    step=trainer.global_step,
+                )
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        module: NASModule = pl_module  # type: ignore[assignment]
+        n = module.arch_spec.num_blocks
+        unfinished = {
+            b: self.steps_done.get(b, 0) for b in range(n) if self.steps_done.get(b, 0) < self.steps
+        }
+        if unfinished and not trainer.fast_dev_run:
+            log.warning(
+                "SnipPruning: blocks %s did not reach their keep ratio (prunings done per block: %s of %d); "
+                "add pruning epochs or train longer",
+                sorted(unfinished),
+                unfinished,
+                self.steps,
+            )
+        if self.save_found and self.history and trainer.is_global_zero:
+            ckpt = trainer.checkpoint_callback
+            directory = Path(ckpt.dirpath) if ckpt is not None and getattr(ckpt, "dirpath", None) else None
+            directory = directory or artifact_dir(trainer)
+            spec_path = module.arch_spec.save(directory / "found_arch.yaml")
+            masks_path = save_masks(directory / "found_masks.pt", module.arch_spec, module.masks())
+            self.found_paths = (spec_path, masks_path)
+            print(f"SnipPruning: architecture found -> {spec_path}, masks -> {masks_path}")
+
+    # -- state ------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "keep_ratio": list(self.keep_ratio),
+            "mode": self.mode,
+            "steps": self.steps,
+            "activated": {str(b): e for b, e in self.activated.items()},
+            "steps_done": {str(b): s for b, s in self.steps_done.items()},
+            "history": [list(h) for h in self.history],
+            "checked_epoch": self._checked_epoch,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (list(state_dict["keep_ratio"]), state_dict["mode"], state_dict["steps"])
+        if saved != (self.keep_ratio, self.mode, self.steps):
+            log.warning(
+                "SnipPruning: resuming with keep_ratio/mode/steps %s; the checkpoint was pruned with %s "
+                "(weights already pruned stay pruned)",
+                (self.keep_ratio, self.mode, self.steps),
+                saved,
+            )
+        self.activated = {int(b): int(e) for b, e in state_dict["activated"].items()}
+        self.steps_done = {int(b): int(s) for b, s in state_dict["steps_done"].items()}
+        self.history = [
+            (int(e), int(b), int(s), float(t), int(k), int(n)) for e, b, s, t, k, n in state_dict["history"]
+        ]
+        self._checked_epoch = int(state_dict["checked_epoch"])
+        self._restored = True
+
+
+def artifact_dir(trainer: L.Trainer) -> Path:
+    """A directory of this run's own for files (the W&B run's files directory, else the log directory)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return Path(logger.experiment.dir)
+    return Path(trainer.log_dir or trainer.default_root_dir)
