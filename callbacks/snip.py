@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_nas.masks import ConnectivityMap, connectivity_map, kept_count, save_masks
+from lit_nas.masks import connectivity_map, kept_count, save_masks
 from lit_nas.nets.base import ExitLogits
 from lit_nas.protocol import NASModule, require_nas_module
 from lit_nas.pruning import (
@@ -172,7 +172,6 @@ class SnipPruning(Callback):
         self.history: list[tuple[int, int, int, float, int, int]] = []
         self._checked_epoch = -1
         self._restored = False
-        self.last_map: ConnectivityMap | None = None
         self.found_paths: tuple[Path, Path] | None = None
 
     # -- checks -----------------------------------------------------------------------------------------
@@ -294,7 +293,6 @@ class SnipPruning(Callback):
 
     def _report(self, trainer: L.Trainer, module: NASModule, rows: list[tuple], epoch: int) -> None:
         cmap = connectivity_map(module.net, module.masks(), prefix="net.")
-        self.last_map = cmap
         if not trainer.is_global_zero:
             return
         lines = [f"\nSnipPruning at epoch {epoch} ({self.mode}, reinit={self.reinit}):"]

@@ -129,7 +129,7 @@ class ConnectivityMap:
     """Fraction of weights kept on each edge of the dense concatenation.
 
     Attributes:
-        sources: feature names, ``stem`` then ``cell0``, ``cell1``, ...
+        sources: feature names, ``stem`` then ``cell0``, ``cell1``, ... (all but the last cell's)
         targets: cell names, ``cell0``, ``cell1``, ...
         kept: ``(len(targets), len(sources))``; entry ``[i, j]`` is the fraction of cell ``i``'s first-conv
             weights that read feature ``j`` and are kept; NaN where the cell does not read that feature.
@@ -208,7 +208,8 @@ def connectivity_map(net: MultiExitNet, masks: Mapping[str, Tensor], prefix: str
             names of ``MultiExitModule``).
     """
     spec = net.spec
-    sources = ["stem"] + [f"cell{j}" for j in range(spec.num_cells)]
+    # the last cell's output feeds only the final exit, so it is never a source
+    sources = ["stem"] + [f"cell{j}" for j in range(spec.num_cells - 1)]
     kept = torch.full((spec.num_cells, len(sources)), float("nan"))
     for i in range(spec.num_cells):
         mask = masks.get(f"{prefix}{net.cell_input_layer(i)}.weight")
@@ -218,7 +219,8 @@ def connectivity_map(net: MultiExitNet, masks: Mapping[str, Tensor], prefix: str
             else:
                 kept[i, src.feature] = float((mask[:, src.start : src.stop] != 0).float().mean())
     blocks = [spec.block_of_cell(i) for i in range(spec.num_cells)]
-    return ConnectivityMap(sources, sources[1:], kept, blocks)
+    targets = [f"cell{i}" for i in range(spec.num_cells)]
+    return ConnectivityMap(sources, targets, kept, blocks)
 
 
 # -- the found architecture on disk -----------------------------------------------------------------------

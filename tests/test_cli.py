@@ -178,20 +178,26 @@ def test_train_py_end_to_end_with_wandb_offline(tmp_path, tiny_fashion):
         assert "lit_nas.module.MultiExitModule" in saved and "FashionMNISTDataModule" in saved
 
 
-def test_growing_fast_with_train_py_logs_growth_to_wandb(tmp_path, tiny_fashion):
-    """growing_fast.yaml through train.py: blocks activate at 2/3/4, grow/* curves and tables in the run."""
+def run_short(tmp_path: Path, config: str, root: Path, epochs: int) -> subprocess.CompletedProcess:
+    """``config`` through train.py on the Fashion-MNIST files in ``root``: 2 batches of 16 per epoch."""
     proc = run_train(
         tmp_path,
-        f"--data.init_args.root={tiny_fashion}",
+        f"--data.init_args.root={root}",
         "--data.init_args.val_size=16",
         "--data.init_args.batch_size=16",
-        "--trainer.max_epochs=5",
+        f"--trainer.max_epochs={epochs}",
         "--trainer.limit_train_batches=2",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        config="growing_fast.yaml",
+        config=config,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_growing_fast_with_train_py_logs_growth_to_wandb(tmp_path, tiny_fashion):
+    """growing_fast.yaml through train.py: blocks activate at 2/3/4, grow/* curves and tables in the run."""
+    proc = run_short(tmp_path, "growing_fast.yaml", tiny_fashion, epochs=5)
     for block, epoch in [(1, 2), (2, 3), (3, 4)]:
         assert f"Growing: block {block} activated at epoch {epoch} (random init)" in proc.stdout
     assert "active: 4/4 blocks, 311,259 of 311,259 parameters" in proc.stdout
@@ -217,18 +223,7 @@ def test_dense_iterative_fast_with_train_py_logs_pruning_to_wandb(tmp_path):
     for name, n in [("train", 176), ("t10k", 32)]:
         write_idx(root / f"{name}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz=False)
         write_idx(root / f"{name}-labels-idx1-ubyte", rng.integers(0, 10, (n,)), gz=False)
-    proc = run_train(
-        tmp_path,
-        f"--data.init_args.root={root}",
-        "--data.init_args.val_size=16",
-        "--data.init_args.batch_size=16",
-        "--trainer.max_epochs=9",
-        "--trainer.limit_train_batches=2",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        config="dense_iterative_fast.yaml",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_short(tmp_path, "dense_iterative_fast.yaml", root, epochs=9)
     for epoch in (1, 3, 4, 5, 6, 7):
         assert f"SnipPruning at epoch {epoch} (iterative, reinit=False):" in proc.stdout
     assert "block 3: step 3/3, keep 0.300" in proc.stdout

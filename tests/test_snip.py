@@ -292,16 +292,17 @@ def test_connectivity_map_on_a_hand_built_dense_net():
     nan = float("nan")
     expected = torch.tensor(
         [
-            [1.0, nan, nan, nan, nan],
-            [1.0, 1.0, nan, nan, nan],
-            [0.0, 0.5, 1.0, nan, nan],
-            [1.0, 1.0, 0.0, 1.0, nan],
+            [1.0, nan, nan, nan],
+            [1.0, 1.0, nan, nan],
+            [0.0, 0.5, 1.0, nan],
+            [1.0, 1.0, 0.0, 1.0],
         ]
     )
     torch.testing.assert_close(cmap.kept, expected, equal_nan=True)
     assert cmap.dead_edges == [("stem", "cell2"), ("cell1", "cell3")]
     assert cmap.num_edges == 10
-    assert cmap.rows()[2] == ["cell2", 0.0, 0.5, 1.0, None, None]
+    assert cmap.rows()[2] == ["cell2", 0.0, 0.5, 1.0, None]
+    assert cmap.sources == ["stem", "cell0", "cell1", "cell2"] and cmap.blocks == [0, 1, 2, 3]
     # the plain network has one edge per cell (the previous feature)
     plain = connectivity_map(make_module().net, {})
     assert plain.num_edges == 4 and plain.dead_edges == []
