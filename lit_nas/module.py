@@ -406,11 +406,12 @@ class MultiExitModule(L.LightningModule):
             spec = ArchSpec.from_dict(checkpoint[ARCH_KEY])
         except (TypeError, ValueError) as err:
             raise CheckpointArchError(f"checkpoint's {ARCH_KEY!r} entry is corrupt: {err}") from err
-        if spec != self.arch_spec and spec.with_active_blocks(self.active_blocks) == self.arch_spec:
-            self.set_active_blocks(spec.active_blocks)  # only growing differs: same parameters, no rebuild
-        elif spec != self.arch_spec:
-            log.info("rebuilding the network from the checkpoint's ArchSpec")
-            self.set_arch_spec(spec, rebuild=True)
+        if spec != self.arch_spec:
+            if spec.with_active_blocks(self.active_blocks) == self.arch_spec:
+                self.set_active_blocks(spec.active_blocks)  # only growing differs: same parameters
+            else:
+                log.info("rebuilding the network from the checkpoint's ArchSpec")
+                self.set_arch_spec(spec, rebuild=True)
         # masks are buffers created by pruning: a fresh network lacks them until the weights load into them
         ensure_mask_buffers(self, checkpoint.get("state_dict", {}))
         self._mask_pairs = None
