@@ -293,6 +293,7 @@ class SnipPruning(Callback):
 
     def _report(self, trainer: L.Trainer, module: NASModule, rows: list[tuple], epoch: int) -> None:
         cmap = connectivity_map(module.net, module.masks(), prefix="net.")
+        directory = artifact_dir(trainer)  # on every rank (a collective under DDP)
         if not trainer.is_global_zero:
             return
         lines = [f"\nSnipPruning at epoch {epoch} ({self.mode}, reinit={self.reinit}):"]
@@ -303,7 +304,7 @@ class SnipPruning(Callback):
         dead = cmap.dead_edges
         lines.append(f"  dead edges: {len(dead)}/{cmap.num_edges}" + (f" {dead}" if dead else ""))
         png = cmap.save_png(
-            artifact_dir(trainer) / "snip" / f"connectivity_epoch{epoch:03d}.png",
+            directory / "snip" / f"connectivity_epoch{epoch:03d}.png",
             title=f"epoch {epoch}: kept fraction per edge, {len(dead)}/{cmap.num_edges} edges dead",
         )
         lines.append(f"  connectivity map: {png}")
@@ -334,10 +335,12 @@ class SnipPruning(Callback):
                 unfinished,
                 self.steps,
             )
-        if self.save_found and self.history and trainer.is_global_zero:
+        if self.save_found and self.history:
             ckpt = trainer.checkpoint_callback
-            directory = Path(ckpt.dirpath) if ckpt is not None and getattr(ckpt, "dirpath", None) else None
-            directory = directory or artifact_dir(trainer)
+            dirpath = getattr(ckpt, "dirpath", None) if ckpt is not None else None
+            directory = Path(dirpath) if dirpath else artifact_dir(trainer)  # every rank: a collective
+            if not trainer.is_global_zero:
+                return
             spec_path = module.arch_spec.save(directory / "found_arch.yaml")
             masks_path = save_masks(directory / "found_masks.pt", module.arch_spec, module.masks())
             self.found_paths = (spec_path, masks_path)
@@ -376,8 +379,13 @@ class SnipPruning(Callback):
 
 
 def artifact_dir(trainer: L.Trainer) -> Path:
-    """A directory of this run's own for files (the W&B run's files directory, else the log directory)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            return Path(logger.experiment.dir)
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """A directory of this run's own for files (the W&B run's files directory, else the log directory).
+
+    Every rank must call it: ``trainer.log_dir`` is a collective under DDP.
+    """
+    log_dir = trainer.log_dir
+    if trainer.is_global_zero:  # other ranks hold a dummy W&B experiment
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                return Path(logger.experiment.dir)
+    return Path(log_dir or trainer.default_root_dir)

@@ -24,7 +24,7 @@ from lit_nas.pruning import (
 )
 from lit_nas.surgery import remove_channels
 from tests.conftest import TINY, tiny_trainer
-from tests.test_growing import StopAfter
+from tests.test_growing import StopAfter, run_ddp_script
 
 
 def make_module(dense: bool = False, **kwargs) -> MultiExitModule:
@@ -370,3 +370,21 @@ def test_needs_a_datamodule_with_criterion_batches(tmp_path):
         tiny_trainer(tmp_path, callbacks=[SnipPruning(keep_ratio=0.5)]).fit(
             make_module(), train_dataloaders=loader
         )
+
+
+def test_pruning_under_two_process_ddp_keeps_ranks_identical(tmp_path):
+    """gloo, 2 CPU processes: rank 0's masks reach both ranks, pruned weights stay zero on both."""
+    proc = run_ddp_script(tmp_path, "--snip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["snip_history"] == ranks[1]["snip_history"]
+    assert [(e, b) for e, b, *_ in ranks[0]["snip_history"]] == [(0, 0), (1, 1), (2, 2)]
+    for k, v in ranks[0]["state"].items():
+        torch.testing.assert_close(v, ranks[1]["state"][k], rtol=0, atol=0, msg=k)
+    state = ranks[0]["state"]
+    masks = {k[: -len("_mask")]: v for k, v in state.items() if k.endswith("_mask")}
+    assert {k.split(".")[2] for k in masks} == {"0", "1", "2"}  # blocks pruned before the stop
+    for name, mask in masks.items():
+        assert torch.all(state[name][mask == 0] == 0), name
+    for _, _, _, target, kept, total in ranks[0]["snip_history"]:
+        assert abs(kept - target * total) <= 1
