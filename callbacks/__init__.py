@@ -5,7 +5,8 @@ imports ``lit_nas`` (never the other way round).
 """
 
 import lit_nas  # noqa: F401  (first: makes torchvision importable next to a CPU torch)
+from callbacks.garbage_collection import GarbageCollection
 from callbacks.growing import Growing
 from callbacks.snip import SnipPruning
 
-__all__ = ["Growing", "SnipPruning"]
+__all__ = ["GarbageCollection", "Growing", "SnipPruning"]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_nas.arch import ArchSpec
+from lit_nas.gates import gated_groups
 from lit_nas.nets.base import ChannelGroup, ChannelSlice, MultiExitNet
 
 
@@ -114,5 +115,8 @@ def remove_channels(
                 m.running_mean = m.running_mean.index_select(0, idx.to(m.running_mean.device))
                 m.running_var = m.running_var.index_select(0, idx.to(m.running_var.device))
         _resize(m, dim, m.weight.shape[dim])
+    gate = gated_groups(net).get(name)  # a channel gate (lit_nas.gates) is sliced like a producer
+    if gate is not None:
+        _slice_param(gate, 0, keep, optimizers)
     net.spec = new_spec
     return new_spec

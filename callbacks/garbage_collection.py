@@ -1,0 +1,152 @@
+"""``GarbageCollection``: physically remove gated-off channels (ShrinkNets draft, section 3.5.2).
+
+Example (YAML)::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.GarbageCollection
+          init_args:
+            epochs: [20, 40, 60]
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from lit_nas.gates import gated_groups
+from lit_nas.protocol import NASModule, require_nas_module
+from lit_nas.surgery import remove_channels
+
+log = logging.getLogger(__name__)
+
+
+class GarbageCollection(Callback):
+    """At the end of chosen training epochs, remove every channel whose gate is exactly 0.
+
+    Everything that produces or reads a collected channel is sliced (convs, BatchNorm parameters and running
+    statistics, exits' linear inputs, dense concatenation slices, every member of a residual stream, weight
+    masks, the gate itself), and so is the optimizer state of each sliced parameter, so training continues
+    on the same tensors, at the same point of the LR schedule, computing the same function. The ArchSpec is
+    updated: checkpoints and ``load_from_checkpoint`` rebuild the smaller network. A group whose gate is
+    all zero keeps one (still gated-off) channel: no layer is left with 0 channels.
+
+    Logs after each collection ``gc/params``, ``gc/mflops`` (the full network to its last exit) and
+    ``gc/channels_removed``, prints the channels per group, and logs a bar chart of them as the W&B image
+    ``gc/channels``.
+
+    Args:
+        epochs: 0-based epochs at whose end to collect; ``None`` collects at the end of every epoch.
+    """
+
+    def __init__(self, epochs: list[int] | None = None) -> None:
+        super().__init__()
+        if epochs is not None and (
+            not epochs
+            or any(not isinstance(e, int) or e < 0 for e in epochs)
+            or sorted(set(epochs)) != epochs
+        ):
+            raise ValueError(
+                f"GarbageCollection epochs must be non-negative integers, strictly increasing; got {epochs}"
+            )
+        self.epochs = epochs
+        #: ``(epoch, channels removed, parameters after)`` of every collection
+        self.history: list[tuple[int, int, int]] = []
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_nas_module(pl_module, "GarbageCollection")
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            # DDP's gradient buckets are views of the parameters as they were when it wrapped them
+            raise ValueError(
+                "GarbageCollection changes parameter shapes, which DDP does not support mid-run; train on "
+                "one device, or collect after the run (lit_nas.surgery.remove_channels)"
+            )
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.epochs is not None and trainer.current_epoch not in self.epochs:
+            return
+        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        removed = collect(module, trainer.optimizers)
+        if not removed:
+            return
+        costs = module.costs()
+        last = module.arch_spec.exit_blocks(active_only=False)[-1]
+        total = sum(removed.values())
+        self.history.append((trainer.current_epoch, total, costs.total_params))
+        pl_module.log("gc/params", float(costs.total_params), on_step=False, on_epoch=True)
+        pl_module.log("gc/mflops", costs.flops_to_exit(last) / 1e6, on_step=False, on_epoch=True)
+        pl_module.log("gc/channels_removed", float(total), on_step=False, on_epoch=True)
+        self._report(trainer, module, removed)
+
+    def _report(self, trainer: L.Trainer, module: NASModule, removed: dict[str, int]) -> None:
+        sizes = {g.name: g.size for g in module.channel_groups()}
+        lines = [
+            f"\nGarbageCollection at epoch {trainer.current_epoch}: {sum(removed.values())} channels removed"
+        ]
+        lines += [f"  {name}: {sizes[name] + n} -> {sizes[name]}" for name, n in removed.items()]
+        print("\n".join(lines))
+        wandb = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb and trainer.is_global_zero:
+            png = channel_chart(
+                sizes, Path(wandb[0].experiment.dir) / "gc" / f"channels_{trainer.current_epoch:03d}.png"
+            )
+            for logger in wandb:
+                logger.log_image("gc/channels", images=[str(png)], step=trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(h) for h in self.history]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(e), int(n), int(p)) for e, n, p in state_dict["history"]]
+
+
+def collect(module: NASModule, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+    """Remove the gated-off channels of every gated group; returns the channels removed per group."""
+    removed = {}
+    for name, gate in gated_groups(module.net).items():
+        dead = (gate.detach() == 0).nonzero().flatten()
+        if dead.numel() == 0:
+            continue
+        keep = (gate.detach() != 0).nonzero().flatten()
+        if keep.numel() == 0:
+            keep = dead[:1]  # never 0 channels: one gated-off channel stays, still outputting 0
+        if keep.numel() == gate.numel():
+            continue
+        removed[name] = gate.numel() - keep.numel()
+        remove_channels(module.net, name, keep, optimizers)
+    if removed:
+        module.set_arch_spec(module.net.spec)
+    return removed
+
+
+def channel_chart(sizes: dict[str, int], path: Path) -> Path:
+    """Bar chart of the channels of every group, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.35 * len(sizes), 3.0), dpi=120)
+    ax.bar(range(len(sizes)), list(sizes.values()))
+    ax.set_xticks(range(len(sizes)), list(sizes), rotation=90, fontsize=7)
+    ax.set_ylabel("channels")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
