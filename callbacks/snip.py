@@ -153,26 +153,35 @@ class SnipPruning(Callback):
             )
         self.keep_ratio = ratios
         self.mode = mode
-        self.steps = steps
         self.schedule = schedule
-        self.after_epochs = after_epochs
-        self.prune_epochs = prune_epochs
+        #: when blocks are pruned: steps, after_epochs, prune_epochs
+        self.plan = PruneSchedule(steps, after_epochs, None if prune_epochs is None else tuple(prune_epochs))
         self.criterion_loss = criterion_loss
         self.criterion_batch_size = criterion_batch_size
         self.criterion_batches = criterion_batches
-        self.plan = PruneSchedule(steps, after_epochs, None if prune_epochs is None else tuple(prune_epochs))
         self.reinit = reinit
         self.include_exits = include_exits
         self.save_found = save_found
         #: block -> epoch at which it was first seen active
         self.activated: dict[int, int] = {}
-        #: block -> prunings done
-        self.steps_done: dict[int, int] = {}
         #: one row per block pruning: (epoch, block, step, target keep ratio, kept, total)
         self.history: list[tuple[int, int, int, float, int, int]] = []
         self._checked_epoch = -1
         self._restored = False
         self.found_paths: tuple[Path, Path] | None = None
+
+    @property
+    def steps(self) -> int:
+        """Prunings per block (1: one-shot)."""
+        return self.plan.steps
+
+    @property
+    def steps_done(self) -> dict[int, int]:
+        """Prunings done so far, per block (read from :attr:`history`)."""
+        done: dict[int, int] = {}
+        for _, b, *_ in self.history:
+            done[b] = done.get(b, 0) + 1
+        return done
 
     # -- checks -----------------------------------------------------------------------------------------
     def ratios(self, num_blocks: int) -> list[float]:
@@ -191,14 +200,10 @@ class SnipPruning(Callback):
                 "(give one ratio, or one per block)"
             )
         max_epochs = None if trainer.fast_dev_run else trainer.max_epochs
-        if (
-            self.prune_epochs
-            and max_epochs is not None
-            and max_epochs > 0
-            and self.prune_epochs[-1] >= max_epochs
-        ):
+        events = self.plan.prune_epochs
+        if events and max_epochs is not None and max_epochs > 0 and events[-1] >= max_epochs:
             raise ValueError(
-                f"SnipPruning prune_epochs {self.prune_epochs} reach past the last epoch ({max_epochs - 1}) "
+                f"SnipPruning prune_epochs {list(events)} reach past the last epoch ({max_epochs - 1}) "
                 f"of max_epochs={max_epochs}"
             )
         data = trainer.datamodule
@@ -215,12 +220,13 @@ class SnipPruning(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._restored:  # a fresh run: forget any previous fit of this callback object
-            self.activated, self.steps_done, self.history, self._checked_epoch = {}, {}, [], -1
+            self.activated, self.history, self._checked_epoch = {}, [], -1
         self._update_pending(pl_module)  # type: ignore[arg-type]
 
     def _update_pending(self, module: NASModule) -> None:
-        done = all(self.steps_done.get(b, 0) >= self.steps for b in range(module.arch_spec.num_blocks))
-        module.set_search_pending("SnipPruning", not done)
+        done = self.steps_done
+        finished = all(done.get(b, 0) >= self.steps for b in range(module.arch_spec.num_blocks))
+        module.set_search_pending("SnipPruning", not finished)
 
     # -- when -------------------------------------------------------------------------------------------
     @override
@@ -260,15 +266,15 @@ class SnipPruning(Callback):
         with reinitialized(params, current, gen) if self.reinit else nullcontext():
             scores = snip_scores(module, batches, self._loss, params)  # type: ignore[arg-type]
         ratios = self.ratios(module.arch_spec.num_blocks)
+        done = self.steps_done
         new: dict[str, Tensor] = {}
         rows = []
         for b in blocks:
-            step = self.steps_done.get(b, 0)
+            step = done.get(b, 0)
             target = keep_ratio_steps(ratios[b], self.steps, self.schedule)[step]
             total = sum(p.numel() for p in scope[b].values())
             block_masks = snip_block_masks({n: scores[n] for n in scope[b]}, round(target * total), current)
             new.update(block_masks)
-            self.steps_done[b] = step + 1
             kept = sum(int(m.count_nonzero()) for m in block_masks.values())
             rows.append((epoch, b, step + 1, target, kept, total))
         # ranks score the same images with the same weights; rank 0's masks make sure they agree exactly
@@ -323,9 +329,9 @@ class SnipPruning(Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module: NASModule = pl_module  # type: ignore[assignment]
-        n = module.arch_spec.num_blocks
+        done = self.steps_done
         unfinished = {
-            b: self.steps_done.get(b, 0) for b in range(n) if self.steps_done.get(b, 0) < self.steps
+            b: done.get(b, 0) for b in range(module.arch_spec.num_blocks) if done.get(b, 0) < self.steps
         }
         if unfinished and not trainer.fast_dev_run:
             log.warning(
@@ -354,7 +360,6 @@ class SnipPruning(Callback):
             "mode": self.mode,
             "steps": self.steps,
             "activated": {str(b): e for b, e in self.activated.items()},
-            "steps_done": {str(b): s for b, s in self.steps_done.items()},
             "history": [list(h) for h in self.history],
             "checked_epoch": self._checked_epoch,
         }
@@ -370,7 +375,6 @@ class SnipPruning(Callback):
                 saved,
             )
         self.activated = {int(b): int(e) for b, e in state_dict["activated"].items()}
-        self.steps_done = {int(b): int(s) for b, s in state_dict["steps_done"].items()}
         self.history = [
             (int(e), int(b), int(s), float(t), int(k), int(n)) for e, b, s, t, k, n in state_dict["history"]
         ]

@@ -36,13 +36,17 @@ def _owner(root: nn.Module, param_name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(module_name) if module_name else root), attr
 
 
-def attach_masks(root: nn.Module, masks: Mapping[str, Tensor]) -> None:
+def attach_masks(root: nn.Module, masks: Mapping[str, Tensor]) -> list[tuple[nn.Parameter, Tensor]]:
     """Register (or overwrite) the mask of each named parameter and zero its pruned weights.
 
     Args:
         root: module the names are relative to.
         masks: ``{parameter name: mask}``, each mask the parameter's shape, nonzero = kept.
+
+    Returns:
+        ``(parameter, mask buffer)`` of every mask set.
     """
+    pairs = []
     for name, mask in masks.items():
         module, attr = _owner(root, name)
         param = getattr(module, attr, None)
@@ -56,6 +60,8 @@ def attach_masks(root: nn.Module, masks: Mapping[str, Tensor]) -> None:
         module.register_buffer(attr + MASK_SUFFIX, buf)
         with torch.no_grad():
             param.mul_(buf)
+        pairs.append((param, buf))
+    return pairs
 
 
 def get_masks(root: nn.Module) -> dict[str, Tensor]:

@@ -202,11 +202,10 @@ class MultiExitModule(L.LightningModule):
         from then on gradients are masked before and weights after every optimizer step, so they stay
         exactly zero through momentum, weight decay, growth, checkpoints and resumes.
         """
-        attach_masks(self, masks)
+        pairs = attach_masks(self, masks)
         self._mask_pairs = None
         if self._trainer is not None:
-            params, current = dict(self.named_parameters()), get_masks(self)
-            mask_optimizer_state(self.trainer.optimizers, [(params[n], current[n]) for n in masks])
+            mask_optimizer_state(self.trainer.optimizers, pairs)
 
     def _masked(self) -> list[tuple[nn.Parameter, Tensor]]:
         if self._mask_pairs is None:

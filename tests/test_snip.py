@@ -146,7 +146,6 @@ def test_reinit_scores_a_fresh_initialisation_and_restores_the_weights():
         return nn.functional.cross_entropy(out.logits[-1], target)
 
     trained = snip_scores(module, [(x, y)], loss_fn, params)
-    seen = {}
     with reinitialized(params, masks, torch.Generator().manual_seed(1)):
         seen = {n: p.detach().clone() for n, p in params.items()}
         fresh = snip_scores(module, [(x, y)], loss_fn, params)
