@@ -22,9 +22,8 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lit_nas.gates import gated_groups
 from lit_nas.protocol import NASModule, require_nas_module
-from lit_nas.surgery import remove_channels
+from lit_nas.surgery import collect_gated
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +116,7 @@ class GarbageCollection(Callback):
 
 def collect(module: NASModule, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
     """Remove the gated-off channels of every gated group; returns the channels removed per group."""
-    removed = {}
-    for name, gate in gated_groups(module.net).items():
-        dead = (gate.detach() == 0).nonzero().flatten()
-        if dead.numel() == 0:
-            continue
-        keep = (gate.detach() != 0).nonzero().flatten()
-        if keep.numel() == 0:
-            keep = dead[:1]  # never 0 channels: one gated-off channel stays, still outputting 0
-        if keep.numel() == gate.numel():
-            continue
-        removed[name] = gate.numel() - keep.numel()
-        remove_channels(module.net, name, keep, optimizers)
+    removed = collect_gated(module.net, optimizers)
     if removed:
         module.set_arch_spec(module.net.spec)
     return removed

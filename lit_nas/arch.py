@@ -48,12 +48,15 @@ class CellSpec:
         stride: stride of the first conv and of the shortcut (1 or 2).
         projection: shortcut is a 1x1 conv + BN instead of an identity. Stored explicitly (not derived from
             the widths) so that a pruned cell whose in/out widths happen to become equal keeps its weights.
+        se: hidden width of a Squeeze-and-Excitation gate on the residual branch (0: none). Stored, not
+            derived from ``out``, so the SE layers keep their shape when ``out`` is pruned.
     """
 
     mid: int
     out: int
     stride: int = 1
     projection: bool = False
+    se: int = 0
 
 
 @dataclass
@@ -162,6 +165,8 @@ class ArchSpec:
         for i, c in enumerate(self.cells):
             if c.mid < 1 or c.out < 1:
                 raise ValueError(f"cell {i}: widths must be >= 1; got mid={c.mid}, out={c.out}")
+            if c.se < 0:
+                raise ValueError(f"cell {i}: se (SE hidden width) must be >= 0 (0: no SE); got {c.se}")
             if c.stride not in (1, 2):
                 raise ValueError(f"cell {i}: stride must be 1 or 2; got {c.stride}")
             if not c.projection and (c.stride != 1 or c.out != prev):
@@ -249,9 +254,15 @@ class NetConfig:
     """Short recipe of a network, as written in YAML; expanded by :meth:`build_spec`.
 
     Attributes:
-        kind: network family (``resnet_sdn``).
+        kind: network family (``resnet_sdn`` or ``wide_resnet``).
         stage_widths: channels of each resolution stage; stage ``k > 0`` halves the resolution.
         cells_per_stage: residual cells per stage.
+        depth: WRN-d-k recipe (Zagoruyko and Komodakis): ``depth`` d with ``(d - 4) % 6 == 0`` sets three
+            stages of ``(d - 4) / 6`` cells of widths ``16k, 32k, 64k`` after a 16-channel stem, overriding
+            ``stage_widths``, ``cells_per_stage`` and ``stem_width``. Required by ``wide_resnet``.
+        widen_factor: k of the WRN-d-k recipe.
+        se_reduction: Squeeze-and-Excitation on every residual branch with hidden width ``out // r``
+            (Liège thesis section 3.4); 0 for none.
         exit_depths: where the blocks end, as fractions of the number of cells (the thesis: 0.3/0.6/0.8/1.0);
             ignored when ``block_cells`` is given.
         block_cells: explicit number of cells per block.
@@ -273,8 +284,33 @@ class NetConfig:
     stem_width: int | None = None
     exit_pool: int = 4
     active_blocks: int | None = None
+    depth: int | None = None
+    widen_factor: int | None = None
+    se_reduction: int = 0
 
     def __post_init__(self) -> None:
+        if (self.depth is None) != (self.widen_factor is None):
+            raise ValueError(
+                f"depth and widen_factor come together (WRN-d-k); got depth={self.depth}, "
+                f"widen_factor={self.widen_factor}"
+            )
+        if self.depth is not None:
+            if self.depth < 10 or (self.depth - 4) % 6:
+                raise ValueError(
+                    f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); got {self.depth}"
+                )
+            if self.widen_factor < 1:
+                raise ValueError(f"widen_factor must be >= 1; got {self.widen_factor}")
+            k, n = self.widen_factor, (self.depth - 4) // 6
+            self.stage_widths = [16 * k, 32 * k, 64 * k]
+            self.cells_per_stage = [n, n, n]
+            self.stem_width = 16
+        elif self.kind == "wide_resnet":
+            raise ValueError("kind wide_resnet needs depth and widen_factor (WRN-d-k, e.g. 40 and 2)")
+        if self.se_reduction < 0:
+            raise ValueError(
+                f"se_reduction must be >= 0 (0: no Squeeze-and-Excitation); got {self.se_reduction}"
+            )
         if len(self.stage_widths) != len(self.cells_per_stage):
             raise ValueError(
                 f"stage_widths {self.stage_widths} and cells_per_stage {self.cells_per_stage} must have the "
@@ -298,8 +334,11 @@ class NetConfig:
         for stage, (width, n) in enumerate(zip(self.stage_widths, self.cells_per_stage)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
+                se = max(1, width // self.se_reduction) if self.se_reduction else 0
                 cells.append(
-                    CellSpec(mid=width, out=width, stride=stride, projection=stride != 1 or prev != width)
+                    CellSpec(
+                        mid=width, out=width, stride=stride, projection=stride != 1 or prev != width, se=se
+                    )
                 )
                 prev = width
         n_cells = len(cells)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_nas.arch import ArchSpec
@@ -86,6 +87,52 @@ def count_costs(net: MultiExitNet) -> CostReport:
         block_params=[sum(p.numel() for p in blk.parameters()) for blk in net.blocks],
         exit_params={int(k): sum(p.numel() for p in h.parameters()) for k, h in net.exits.items()},
     )
+
+
+@torch.no_grad()
+def channel_flops(net: MultiExitNet) -> dict[str, int]:
+    """FLOPs saved per image by removing one channel of each channel group, by group name.
+
+    Counted as :func:`count_costs` counts (2 per multiply-add of convolutions and linear layers) over every
+    block and every exit: each producing conv loses one filter and each consuming conv or linear layer one
+    input slice, at the spatial size measured on a real forward pass. The cost of a channel is the same for
+    every channel of a group, and exact for removing one; it is the ``Delta cost`` of Fisher pruning with a
+    FLOPs cost (Liège thesis section 4.2.3, after Theis et al.).
+    """
+    modules = dict(net.named_modules())
+    out_area: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, i, o, name=name: out_area.__setitem__(name, o.shape[-2] * o.shape[-1])
+        )
+        for name, m in modules.items()
+        if isinstance(m, nn.Conv2d)
+    ]
+    spec = net.spec
+    param = next(net.parameters())
+    x = torch.zeros(
+        1, spec.in_channels, spec.input_size, spec.input_size, device=param.device, dtype=param.dtype
+    )
+    was_training = net.training
+    net.eval()
+    try:
+        net(x, active_blocks=spec.num_blocks)
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    costs = {}
+    for g in net.channel_groups():
+        total = 0
+        for where in (*g.producers, *g.consumers):
+            m = modules[where.module]
+            if isinstance(m, nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1] * out_area[where.module] // m.groups
+                total += 2 * k * (m.in_channels if where.dim == 0 else m.out_channels)
+            elif isinstance(m, nn.Linear):
+                total += 2 * (m.in_features if where.dim == 0 else m.out_features * where.per_channel)
+        costs[g.name] = total
+    return costs
 
 
 def cost_rows(spec: ArchSpec, costs: CostReport) -> list[list[object]]:

@@ -18,8 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from lit_nas.arch import ArchSpec
-from lit_nas.gates import gated_groups
+from lit_nas.cost import CostReport, count_costs
+from lit_nas.gates import fold_gates, gated_groups
 from lit_nas.nets.base import ChannelGroup, ChannelSlice, MultiExitNet
+
+__all__ = ["collect_gated", "collected_costs", "fold_gates", "kept_indices", "remove_channels"]
 
 
 def kept_indices(total: int, slices: Iterable[ChannelSlice], group_size: int, keep: Tensor) -> Tensor:
@@ -120,3 +123,34 @@ def remove_channels(
         _slice_param(gate, 0, keep, optimizers)
     net.spec = new_spec
     return new_spec
+
+
+def collect_gated(net: MultiExitNet, optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, int]:
+    """Remove every channel whose gate is exactly 0 (neural garbage collection); the count per group.
+
+    A group whose gate is all zero keeps one (still gated-off, so still silent) channel: no layer is left
+    with 0 channels. ``net.spec`` is updated; a module records it with ``set_arch_spec``.
+    """
+    optimizers = list(optimizers)
+    removed = {}
+    for name, gate in gated_groups(net).items():
+        live = gate.detach() != 0
+        if bool(live.all()):
+            continue
+        keep = live.nonzero().flatten()
+        if keep.numel() == 0:
+            keep = torch.zeros(1, dtype=torch.long)  # one silent channel stays
+            if gate.numel() == 1:
+                continue
+        removed[name] = gate.numel() - keep.numel()
+        remove_channels(net, name, keep, optimizers)
+    return removed
+
+
+def collected_costs(net: MultiExitNet) -> CostReport:
+    """Costs of ``net`` once its gated-off channels are collected (``net`` itself is left untouched)."""
+    import copy
+
+    probe = copy.deepcopy(net)
+    collect_gated(probe)
+    return count_costs(probe)

@@ -30,7 +30,7 @@ def test_round_trip(tmp_path, suffix):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(kind="vgg"), "unknown network kind 'vgg'; valid choices: ['resnet_sdn']"),
+        (dict(kind="vgg"), "unknown network kind 'vgg'; valid choices: ['resnet_sdn', 'wide_resnet']"),
         (dict(block_cells=[3, 2, 2, 1]), "sum to 8 but there are 9 cells"),
         (dict(block_cells=[3, 0, 4, 2]), "every block needs at least one cell"),
         (dict(exits=[True, True, True]), "exits has 3 entries; expected one per block (4)"),
@@ -75,11 +75,36 @@ def test_unknown_and_missing_keys():
         (dict(stage_widths=[16, 0, 64]), "stage_widths must be positive"),
         (dict(exit_depths=[0.6, 0.3, 1.0]), "exit_depths must increase strictly"),
         (dict(exit_depths=[0.3, 0.6]), "end at 1.0"),
+        (dict(kind="wide_resnet"), "wide_resnet needs depth and widen_factor"),
+        (dict(depth=40), r"depth and widen_factor come together .*got depth=40, widen_factor=None"),
+        (dict(depth=12, widen_factor=2), r"6n \+ 4 .*got 12"),
+        (dict(depth=16, widen_factor=0), "widen_factor must be >= 1; got 0"),
+        (dict(se_reduction=-1), "se_reduction must be >= 0"),
     ],
 )
 def test_invalid_recipes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         NetConfig(**kwargs)
+
+
+def test_wrn_recipe_expands_to_the_published_layout():
+    """WRN-40-2 on CIFAR-10: 18 cells, three stages of 32/64/128 channels, 2.2M parameters (Crowley 2018)."""
+    from lit_nas import build_net
+
+    spec = NetConfig(kind="wide_resnet", depth=40, widen_factor=2, exits=False).build_spec(
+        DataShape(3, 32, 10)
+    )
+    assert spec.stem_width == 16 and spec.num_cells == 18
+    assert [c.out for c in spec.cells] == [32] * 6 + [64] * 6 + [128] * 6
+    assert [i for i, c in enumerate(spec.cells) if c.projection] == [0, 6, 12]
+    assert spec.exits == [False, False, False, True]
+    params = sum(p.numel() for p in build_net(spec).parameters())
+    assert 2.2e6 < params < 2.3e6
+    se = NetConfig(kind="wide_resnet", depth=16, widen_factor=1, se_reduction=4).build_spec(
+        DataShape(3, 32, 10)
+    )
+    assert [c.se for c in se.cells] == [4, 4, 8, 8, 16, 16]
+    assert ArchSpec.from_dict(se.to_dict()) == se
 
 
 def test_recipe_rejects_two_exits_on_one_cell():

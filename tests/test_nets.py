@@ -16,9 +16,13 @@ from tests.conftest import TINY
 VARIANTS = [(kind, dense) for kind in NETWORKS for dense in (False, True)]
 
 
+#: a 4-block recipe of each registered network (WRN-16-1 with Squeeze-and-Excitation: every layer kind)
+RECIPES = {"resnet_sdn": TINY, "wide_resnet": dict(depth=16, widen_factor=1, se_reduction=4)}
+
+
 def make(kind, dense, **kw):
     torch.manual_seed(0)
-    cfg = NetConfig(kind=kind, dense=dense, **{**TINY, **kw})
+    cfg = NetConfig(kind=kind, dense=dense, **{**RECIPES[kind], **kw})
     return build_net(cfg.build_spec(DataShape(3, 16, 10)))
 
 
@@ -86,10 +90,15 @@ def test_channel_groups_match_layer_shapes_and_cover_every_channel(net):
     layers = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
     for name in layers:
         m = modules[name]
-        assert covered_out.get(name) == 1 or isinstance(m, nn.Linear), (
+        # an SE's hidden width is fixed: fc1's outputs and fc2's inputs belong to no group
+        assert covered_out.get(name) == 1 or isinstance(m, nn.Linear) or name.endswith("se.fc1"), (
             f"{name} output not in exactly one group"
         )
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and name != "blocks.0.stem.conv":
+        if (
+            isinstance(m, (nn.Conv2d, nn.Linear))
+            and name != "blocks.0.stem.conv"
+            and not name.endswith("se.fc2")
+        ):
             spans = sorted(covered_in[name])
             # the consumer slices tile the layer's input exactly
             assert spans[0][0] == 0 and spans[-1][1] == m.weight.shape[1], name
@@ -202,3 +211,22 @@ def test_active_costs_sum_the_active_blocks_and_their_exits(net):
             net.eval()
             net(torch.zeros(1, 3, 16, 16), active_blocks=k)
         assert costs.active_flops(k) == fc.get_total_flops()
+
+
+def test_channel_flops_is_what_removing_one_channel_saves(net):
+    """The per-channel FLOPs of every group equal count_costs before minus after removing one channel."""
+    import copy
+
+    from lit_nas.cost import channel_flops
+    from lit_nas.surgery import remove_channels
+
+    def total(n):
+        c = count_costs(n)
+        return sum(c.block_flops) + sum(c.exit_flops.values())
+
+    per_channel = channel_flops(net)
+    assert set(per_channel) == {g.name for g in net.channel_groups()}
+    for g in net.channel_groups():
+        smaller = copy.deepcopy(net)
+        remove_channels(smaller, g.name, range(1, g.size))
+        assert total(net) - total(smaller) == per_channel[g.name] > 0, g.name

@@ -16,10 +16,12 @@ from lit_nas.nets.base import MultiExitNet
 from lit_nas.surgery import remove_channels
 from tests.conftest import TINY, tiny_trainer
 
+WRN_SE = dict(kind="wide_resnet", depth=16, widen_factor=1, se_reduction=4)
 
-def make(dense: bool) -> MultiExitNet:
+
+def make(dense: bool, **recipe) -> MultiExitNet:
     torch.manual_seed(0)
-    return build_net(NetConfig(dense=dense, **TINY).build_spec(DataShape(3, 16, 10)))
+    return build_net(NetConfig(dense=dense, **(recipe or TINY)).build_spec(DataShape(3, 16, 10)))
 
 
 def kill(net: MultiExitNet, group: str, dead: list[int]) -> None:
@@ -37,11 +39,13 @@ def group_names(net: MultiExitNet) -> list[str]:
     return [g.name for g in net.channel_groups()]
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["plain", "dense"])
-def test_removing_dead_channels_keeps_every_exit_output(dense):
+@pytest.mark.parametrize(
+    "dense,recipe", [(False, {}), (True, {}), (True, WRN_SE)], ids=["plain", "dense", "wrn-se-dense"]
+)
+def test_removing_dead_channels_keeps_every_exit_output(dense, recipe):
     x = torch.randn(4, 3, 16, 16)
-    for name in group_names(make(dense)):
-        net = make(dense).eval()
+    for name in group_names(make(dense, **recipe)):
+        net = make(dense, **recipe).eval()
         size = next(g.size for g in net.channel_groups() if g.name == name)
         dead = list(range(0, size, 2))
         kill(net, name, dead)

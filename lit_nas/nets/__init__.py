@@ -12,10 +12,11 @@ from lit_nas.nets.base import (
     ExitLogits,
     MultiExitNet,
 )
-from lit_nas.nets.resnet_sdn import ResNetSDN
+from lit_nas.nets.resnet_sdn import ResNetSDN, WideResNetSDN
 
 NETWORKS: dict[str, Callable[..., MultiExitNet]] = {
     "resnet_sdn": ResNetSDN,
+    "wide_resnet": WideResNetSDN,
 }
 
 

@@ -30,8 +30,25 @@ class Stem(nn.Module):
         return torch.relu(self.bn(self.conv(x)))
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-Excitation (Hu et al.): scale each channel by ``sigmoid(fc2(relu(fc1(avgpool(x)))))``.
+
+    The two fully connected layers are 1x1 convolutions, so channel surgery slices them like any conv.
+    """
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``."""
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
 class BasicCell(nn.Module):
-    """Residual cell: conv3x3(stride)-BN-ReLU-conv3x3-BN, plus identity or 1x1-conv-BN shortcut, ReLU."""
+    """Residual cell: conv3x3(stride)-BN-ReLU-conv3x3-BN[-SE], plus identity or 1x1-conv-BN shortcut, ReLU."""
 
     def __init__(self, in_channels: int, residual_channels: int, spec: CellSpec) -> None:
         super().__init__()
@@ -39,6 +56,7 @@ class BasicCell(nn.Module):
         self.bn1 = nn.BatchNorm2d(spec.mid)
         self.conv2 = nn.Conv2d(spec.mid, spec.out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(spec.out)
+        self.se = SqueezeExcite(spec.out, spec.se) if spec.se else None
         self.shortcut: nn.Module = nn.Identity()
         if spec.projection:
             self.shortcut = nn.Sequential(
@@ -50,6 +68,8 @@ class BasicCell(nn.Module):
         """``x`` feeds conv1 (the concatenation in the dense variant); ``residual`` feeds the shortcut."""
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        if self.se is not None:
+            out = self.se(out)
         return torch.relu(out + self.shortcut(residual))
 
 
@@ -182,6 +202,8 @@ class ResNetSDN(MultiExitNet):
             else:
                 name = self._cell_name(j - 1)
                 prod += [ChannelSlice(f"{name}.conv2", 0), ChannelSlice(f"{name}.bn2", 0)]
+                if spec.cells[j - 1].se:
+                    prod.append(ChannelSlice(f"{name}.se.fc2", 0))
                 if spec.cells[j - 1].projection:
                     prod += [ChannelSlice(f"{name}.shortcut.0", 0), ChannelSlice(f"{name}.shortcut.1", 0)]
         for i in range(spec.num_cells):
@@ -192,6 +214,8 @@ class ResNetSDN(MultiExitNet):
                 )
             if spec.cells[i].projection:
                 consumers.setdefault(stream_of[i], []).append(ChannelSlice(f"{name}.shortcut.0", 1))
+            if spec.cells[i].se:
+                consumers.setdefault(stream_of[i + 1], []).append(ChannelSlice(f"{name}.se.fc1", 1))
         for key, head in self.exits.items():
             feat = spec.cells_of_block(int(key))[-1] + 1
             consumers.setdefault(stream_of[feat], []).append(
@@ -209,3 +233,14 @@ class ResNetSDN(MultiExitNet):
                 )
             )
         return groups
+
+
+class WideResNetSDN(ResNetSDN):
+    """Wide ResNet (WRN-d-k, Zagoruyko and Komodakis), optionally with Squeeze-and-Excitation and exits.
+
+    The layout is the WRN's (a 16-channel stem, three stages of ``(d - 4) / 6`` cells of widths
+    ``16k, 32k, 64k``; :class:`~lit_nas.arch.NetConfig` expands ``depth``/``widen_factor``). The cells are
+    the post-activation cells of :class:`ResNetSDN` (conv-BN-ReLU-conv-BN, then the addition), not the
+    original pre-activation ones: every prunable conv output then has its own BatchNorm, which is where
+    channel gates sit and fold (Liège thesis section 4.2.3; ShrinkNets section 3.6). No dropout.
+    """
