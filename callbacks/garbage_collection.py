@@ -22,6 +22,8 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lit_nas.gates import gated_groups
+from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, require_nas_module
 from lit_nas.surgery import collect_gated
 
@@ -42,11 +44,15 @@ class GarbageCollection(Callback):
     ``gc/channels_removed``, prints the channels per group, and logs a bar chart of them as the W&B image
     ``gc/channels``.
 
+    List it after the pruning callbacks, so a step's prune is collected at the end of that same step.
+
     Args:
         epochs: 0-based epochs at whose end to collect; ``None`` collects at the end of every epoch.
+        after_prune: also collect at the end of every training step that left a gate at 0 (right after
+            each prune event, so the following steps already run on the smaller network).
     """
 
-    def __init__(self, epochs: list[int] | None = None) -> None:
+    def __init__(self, epochs: list[int] | None = None, after_prune: bool = False) -> None:
         super().__init__()
         if epochs is not None and (
             not epochs
@@ -57,6 +63,7 @@ class GarbageCollection(Callback):
                 f"GarbageCollection epochs must be non-negative integers, strictly increasing; got {epochs}"
             )
         self.epochs = epochs
+        self.after_prune = after_prune
         #: ``(epoch, channels removed, parameters after)`` of every collection
         self.history: list[tuple[int, int, int]] = []
 
@@ -74,9 +81,18 @@ class GarbageCollection(Callback):
             )
 
     @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.after_prune and any(bool((g == 0).any()) for g in gated_groups(pl_module.net).values()):
+            self._collect(trainer, pl_module, on_step=True)
+
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.epochs is not None and trainer.current_epoch not in self.epochs:
-            return
+        if self.epochs is None or trainer.current_epoch in self.epochs:
+            self._collect(trainer, pl_module, on_step=False)
+
+    def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
         module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
         removed = collect(module, trainer.optimizers)
         if not removed:
@@ -85,9 +101,12 @@ class GarbageCollection(Callback):
         last = module.arch_spec.exit_blocks(active_only=False)[-1]
         total = sum(removed.values())
         self.history.append((trainer.current_epoch, total, costs.total_params))
-        pl_module.log("gc/params", float(costs.total_params), on_step=False, on_epoch=True)
-        pl_module.log("gc/mflops", costs.flops_to_exit(last) / 1e6, on_step=False, on_epoch=True)
-        pl_module.log("gc/channels_removed", float(total), on_step=False, on_epoch=True)
+        for key, value in (
+            ("gc/params", float(costs.total_params)),
+            ("gc/mflops", costs.flops_to_exit(last) / 1e6),
+            ("gc/channels_removed", float(total)),
+        ):
+            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step)
         self._report(trainer, module, removed)
 
     def _report(self, trainer: L.Trainer, module: NASModule, removed: dict[str, int]) -> None:
@@ -100,7 +119,7 @@ class GarbageCollection(Callback):
         wandb = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if wandb and trainer.is_global_zero:
             png = channel_chart(
-                sizes, Path(wandb[0].experiment.dir) / "gc" / f"channels_{trainer.current_epoch:03d}.png"
+                sizes, Path(wandb[0].experiment.dir) / "gc" / f"channels_step{trainer.global_step:06d}.png"
             )
             for logger in wandb:
                 logger.log_image("gc/channels", images=[str(png)], step=trainer.global_step)
@@ -120,21 +139,3 @@ def collect(module: NASModule, optimizers: list[torch.optim.Optimizer]) -> dict[
     if removed:
         module.set_arch_spec(module.net.spec)
     return removed
-
-
-def channel_chart(sizes: dict[str, int], path: Path) -> Path:
-    """Bar chart of the channels of every group, written as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.0 + 0.35 * len(sizes), 3.0), dpi=120)
-    ax.bar(range(len(sizes)), list(sizes.values()))
-    ax.set_xticks(range(len(sizes)), list(sizes), rotation=90, fontsize=7)
-    ax.set_ylabel("channels")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

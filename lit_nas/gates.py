@@ -31,7 +31,8 @@ def gate_key(group: str) -> str:
     return group.replace(".", "__")
 
 
-def _producer_norms(net: MultiExitNet, group: str) -> list[nn.BatchNorm2d]:
+def producer_norms(net: MultiExitNet, group: str) -> list[nn.BatchNorm2d]:
+    """The BatchNorms producing channel group ``group``: where its gate multiplies."""
     groups = {g.name: g for g in net.channel_groups()}
     if group not in groups:
         raise ValueError(f"no channel group named {group!r}; valid choices: {sorted(groups)}")
@@ -69,7 +70,7 @@ def attach_gates(
     out = {}
     for group in groups:
         key = gate_key(group)
-        norms = _producer_norms(net, group)
+        norms = producer_norms(net, group)
         if key not in net.gates:
             ref = norms[0].weight
             net.gates[key] = nn.Parameter(
@@ -119,7 +120,7 @@ def fold_gates(net: MultiExitNet) -> None:
     exact, in eval and training mode, so the inference network has no gate layers.
     """
     for group, gate in gated_groups(net).items():
-        for norm in _producer_norms(net, group):
+        for norm in producer_norms(net, group):
             norm.weight.mul_(gate)
             norm.bias.mul_(gate)
     remove_gates(net)

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lit_nas.gates import gated_groups, producer_norms
+
 KEEP_SCHEDULES = ("geometric", "linear")
 
 
@@ -258,3 +260,146 @@ def fisher_scores(activation: Tensor, grad: Tensor, mean_reduced: bool = True) -
     """
     g = fisher_signal(activation, grad, mean_reduced)
     return g.pow(2).sum(0) / (2 * g.shape[0])
+
+
+class FisherAccumulator:
+    """Accumulates the Fisher signal of every channel of gated channel groups during training.
+
+    A forward hook on each BatchNorm that produces a group (after its gate) keeps the activation and puts a
+    tensor hook on it, which turns the gradient backpropagation computes anyway into the per-sample signal
+    ``g_nk`` (:func:`fisher_signal`). A group produced by several BatchNorms (a residual stream: channels
+    tied by identity shortcuts share one gate) sums their signals *before* squaring: ``g_nk`` is the
+    derivative with respect to the one mask they share. :meth:`end_step` squares and accumulates a step's
+    signal; :meth:`scores` gives ``Delta_k = 1/(2N) sum_n g_nk^2`` over every sample seen since
+    :meth:`reset`.
+
+    Garbage collection may remove channels between steps; the running sums then follow: the channels whose
+    gate was 0 at the last step are the ones removed.
+
+    Args:
+        net: the network, with gates on ``groups`` (:func:`lit_nas.gates.attach_gates`).
+        groups: names of the channel groups to score.
+    """
+
+    def __init__(self, net: nn.Module, groups: Iterable[str]) -> None:
+        self.net = net
+        self.groups = list(groups)
+        self.enabled = True
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._live: dict[str, Tensor] = {}  # gate != 0 when the sums were last aligned
+        self._step: dict[str, Tensor] = {}
+        self._handles: list[Any] = []
+
+    def attach(self) -> None:
+        """Hook the producing BatchNorms of every group (after their gate hooks)."""
+        self.detach()
+        for group in self.groups:
+            for norm in producer_norms(self.net, group):
+                self._handles.append(norm.register_forward_hook(self._forward_hook(group)))
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _gate(self, group: str) -> Tensor:
+        return gated_groups(self.net)[group].detach()
+
+    def _forward_hook(self, group: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if self.enabled and torch.is_grad_enabled() and output.requires_grad:
+                act = output.detach()
+                output.register_hook(lambda grad: self._add(group, act, grad))
+
+        return hook
+
+    def _align(self, group: str) -> None:
+        size = self._gate(group).numel()
+        if group in self.sums and self.sums[group].numel() != size:
+            live = self._live[group]
+            if int(live.sum()) == size:  # collected: keep the sums of the surviving channels
+                self.sums[group] = self.sums[group][live.to(self.sums[group].device)]
+            else:
+                del self.sums[group]
+                self.counts[group] = 0
+        self._live[group] = self._gate(group) != 0
+
+    def _add(self, group: str, act: Tensor, grad: Tensor) -> None:
+        g = fisher_signal(act, grad).detach()
+        prev = self._step.get(group)
+        self._step[group] = g if prev is None or prev.shape != g.shape else prev + g
+
+    def end_step(self) -> None:
+        """Square and accumulate the signals of the step whose backward pass just ran."""
+        for group, g in self._step.items():
+            self._align(group)
+            total = g.pow(2).sum(0)
+            self.sums[group] = total if group not in self.sums else self.sums[group] + total
+            self.counts[group] = self.counts.get(group, 0) + g.shape[0]
+        self._step = {}
+
+    def scores(self) -> dict[str, Tensor]:
+        """``Delta_k`` of every channel of the groups that saw samples since the last reset."""
+        out = {}
+        for group in list(self.sums):
+            self._align(group)
+            if self.counts.get(group, 0) > 0 and group in self.sums:
+                out[group] = self.sums[group] / (2 * self.counts[group])
+        return out
+
+    def reset(self) -> None:
+        """Forget every accumulated signal (Theis et al. reset after each pruned channel)."""
+        self.sums, self.counts, self._step = {}, {}, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Accumulated sums and sample counts (for an exact resume)."""
+        return {
+            "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "counts": dict(self.counts),
+            "live": {k: v.cpu() for k, v in self._live.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        device = next(self.net.parameters()).device
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self._live = {k: v.to(device) for k, v in state["live"].items()}
+
+
+def select_channels(
+    scores: Mapping[str, Tensor],
+    live: Mapping[str, Tensor],
+    count: int,
+    costs: Mapping[str, float] | None = None,
+) -> list[tuple[str, int]]:
+    """The ``count`` live channels to prune: lowest score, or lowest ``score / cost`` with ``costs``.
+
+    Never leaves a group with 0 live channels; fewer than ``count`` channels come back when every
+    remaining channel is the last of its group.
+
+    Args:
+        scores: ``Delta_k`` of each channel, by group (groups without scores are not pruned).
+        live: boolean mask of the channels still live (gate != 0), by group.
+        count: channels to choose.
+        costs: what removing one channel of each group saves (e.g. :func:`lit_nas.cost.channel_flops`).
+    """
+    candidates: list[tuple[float, int, int, str]] = []
+    for order, (group, score) in enumerate(scores.items()):
+        alive = live[group].to(score.device)
+        if alive.shape != score.shape:
+            raise ValueError(f"group {group!r}: {alive.numel()} live flags for {score.numel()} scores")
+        value = score / costs[group] if costs is not None else score
+        candidates += [(float(value[k]), order, int(k), group) for k in alive.nonzero().flatten()]
+    candidates.sort()
+    left = {group: int(live[group].sum()) for group in scores}
+    chosen: list[tuple[str, int]] = []
+    for _, _, k, group in candidates:
+        if len(chosen) == count:
+            break
+        if left[group] > 1:  # the last live channel of a layer stays
+            chosen.append((group, k))
+            left[group] -= 1
+    return chosen

@@ -1,0 +1,297 @@
+"""``FisherPruning``: gate off, one by one, the channels whose removal costs the least loss.
+
+Theis et al. 2018, as used by Crowley et al. 2018 and the Liège thesis (section 4.2.3, eq. 4.10; section
+4.4): every ``every_n_steps`` training steps, the ``per_step`` live channels with the lowest Fisher signal
+``Delta_k`` (or the lowest ``Delta_k / Delta cost_k`` with a cost) are gated off and the signals restart.
+
+Example (YAML)::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.FisherPruning
+          init_args:
+            every_n_steps: 100
+            cost: flops
+            stop_at: flops
+            target_fraction: 0.5
+        - class_path: callbacks.GarbageCollection
+          init_args:
+            after_prune: true
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from lit_nas.cost import channel_flops
+from lit_nas.gates import attach_gates, gated_groups
+from lit_nas.plots import channel_chart
+from lit_nas.protocol import NASModule, require_nas_module
+from lit_nas.pruning import FisherAccumulator, select_channels
+from lit_nas.surgery import collected_costs
+
+log = logging.getLogger(__name__)
+
+COSTS = ("none", "flops", "latency")
+TARGETS = ("channels", "params", "flops", "latency")
+SCOPES = ("all", "inner")
+_WHO = "FisherPruning"
+
+
+class FisherPruning(Callback):
+    """Fisher channel pruning of the network's channel groups, until a target is met.
+
+    A binary gate (:mod:`lit_nas.gates`) follows every BatchNorm producing a pruned group; a pruned channel
+    is gated to exactly 0, so :class:`~callbacks.GarbageCollection` can remove it without changing the
+    network's function. Channels tied by residual additions form one group, are scored by the signal summed
+    over the group and pruned together. No group is ever left with 0 live channels.
+
+    While the target is not met, ``val/acc_full`` is NaN (model selection waits for the pruned network).
+    Logs ``fisher/channels`` (live channels in the pruned groups), ``fisher/params`` and ``fisher/mflops``
+    (of the network once its gated channels are collected; FLOPs to the last exit) after each prune event,
+    and a bar chart of the live channels per group (W&B image ``fisher/channels_chart``) every epoch.
+
+    Args:
+        every_n_steps: training steps over which the signal is accumulated before each prune event.
+        per_step: channels gated off at each event.
+        cost: ``none`` ranks by ``Delta_k``; ``flops`` by ``Delta_k`` over the FLOPs one channel of its group
+            costs (:func:`lit_nas.cost.channel_flops`); ``latency`` needs the per-layer latency look-up tables
+            of ``device_bench`` and is not available yet.
+        stop_at: what the target measures: ``channels`` (live channels in the pruned groups), ``params``,
+            ``flops`` (to the last exit) or ``latency``.
+        target_fraction: stop once ``stop_at`` is at most this fraction of its value at the start, in (0, 1).
+        target_value: or stop once it is at most this value (channels, parameters, or MFLOPs).
+        scope: ``all`` channel groups, or ``inner``: only the inner width of each residual cell
+            (``cell<i>.mid``), as Crowley et al. did, so the residual streams keep their width.
+        start_epoch: first epoch (0-based) whose steps accumulate the signal (a pretraining phase before).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        per_step: int = 1,
+        cost: str = "none",
+        stop_at: str = "channels",
+        target_fraction: float | None = None,
+        target_value: float | None = None,
+        scope: str = "all",
+        start_epoch: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"FisherPruning every_n_steps must be an integer >= 1; got {every_n_steps!r}")
+        if not isinstance(per_step, int) or per_step < 1:
+            raise ValueError(f"FisherPruning per_step must be an integer >= 1; got {per_step!r}")
+        if cost not in COSTS:
+            raise ValueError(f"unknown FisherPruning cost {cost!r}; valid choices: {list(COSTS)}")
+        if stop_at not in TARGETS:
+            raise ValueError(f"unknown FisherPruning stop_at {stop_at!r}; valid choices: {list(TARGETS)}")
+        if "latency" in (cost, stop_at):
+            raise ValueError(
+                "FisherPruning latency cost/target needs the per-layer latency look-up tables of "
+                "device_bench, not built yet; valid choices for now: cost none|flops, "
+                "stop_at channels|params|flops"
+            )
+        if (target_fraction is None) == (target_value is None):
+            raise ValueError(
+                "FisherPruning needs exactly one of target_fraction and target_value; got "
+                f"target_fraction={target_fraction}, target_value={target_value}"
+            )
+        if target_fraction is not None and not 0 < target_fraction < 1:
+            raise ValueError(f"FisherPruning target_fraction must lie in (0, 1); got {target_fraction}")
+        if target_value is not None and target_value <= 0:
+            raise ValueError(f"FisherPruning target_value must be > 0; got {target_value}")
+        if scope not in SCOPES:
+            raise ValueError(f"unknown FisherPruning scope {scope!r}; valid choices: {list(SCOPES)}")
+        if not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"FisherPruning start_epoch must be an integer >= 0; got {start_epoch!r}")
+        self.every_n_steps = every_n_steps
+        self.per_step = per_step
+        self.cost = cost
+        self.stop_at = stop_at
+        self.target_fraction = target_fraction
+        self.target_value = target_value
+        self.scope = scope
+        self.start_epoch = start_epoch
+        self.steps = 0  # accumulating steps seen
+        self.initial: float | None = None  # stop_at's value when pruning began
+        self.target: float | None = None
+        self.done = False
+        #: ``(global step, [[group, channel], ...], stop_at value after)`` of every prune event
+        self.history: list[tuple[int, list[list[Any]], float]] = []
+        self._acc: FisherAccumulator | None = None
+        self._acc_state: dict[str, Any] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        module = require_nas_module(pl_module, _WHO)
+        if stage == "fit":
+            # before configure_optimizers, as on a resume (the checkpoint recreates them): the optimizer
+            # then has the same parameter groups either way (the gates are frozen, in the no-decay group)
+            attach_gates(module.net, self.groups(module))
+
+    def groups(self, module: NASModule) -> list[str]:
+        """Names of the channel groups this callback prunes."""
+        names = [g.name for g in module.channel_groups()]
+        return [n for n in names if self.scope == "all" or n.endswith(".mid")]
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            raise ValueError(f"{_WHO} accumulates its signal on one process; train on one device")
+        groups = self.groups(module)
+        gates = attach_gates(module.net, groups)  # after any checkpoint restore: the loaded gates
+        trainable = [g for g, p in gates.items() if p.requires_grad]
+        if trainable:
+            raise ValueError(
+                f"{_WHO}: the gates of {trainable} are trainable switches (SwitchL1?); use one "
+                "channel-pruning callback per run"
+            )
+        self._acc = FisherAccumulator(module.net, groups)
+        if self._acc_state is not None:
+            self._acc.load_state_dict(self._acc_state)
+        self._acc.attach()
+        if self.initial is None:  # a fresh run (a resume restores them)
+            self.initial = self._measure(module)
+            self.target = (
+                self.initial * self.target_fraction if self.target_fraction is not None else self.target_value
+            )
+            if self.target >= self.initial:
+                raise ValueError(
+                    f"{_WHO} target already met: {self.stop_at} is {self._fmt(self.initial)}, target_value "
+                    f"{self._fmt(self.target)}"
+                )
+        module.set_search_pending(_WHO, not self.done)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._acc is not None:
+            self._acc.detach()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self.on_fit_end(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._acc is not None:
+            self._acc.enabled = self._active(trainer)
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return not self.done and trainer.current_epoch >= self.start_epoch
+
+    @override
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._acc is not None and self._acc.enabled:
+            self._acc.end_step()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._acc is None or not self._active(trainer):
+            return
+        self.steps += 1
+        if self.steps % self.every_n_steps == 0:
+            self._prune(trainer, pl_module)  # type: ignore[arg-type]
+
+    # -- the prune event ----------------------------------------------------------------------------------
+    def _prune(self, trainer: L.Trainer, module: NASModule) -> None:
+        if self._acc is None:
+            return
+        gates = gated_groups(module.net)
+        scores = self._acc.scores()
+        live = {g: gates[g].detach() != 0 for g in scores}
+        costs = channel_flops(module.net) if self.cost == "flops" else None
+        chosen = select_channels(scores, live, self.per_step, costs)
+        with torch.no_grad():
+            for group, k in chosen:
+                gates[group][k] = 0.0
+        self._acc.reset()
+        value = self._measure(module)
+        self.history.append((trainer.global_step, [[g, k] for g, k in chosen], value))
+        report = collected_costs(module.net)
+        last = module.arch_spec.exit_blocks(active_only=False)[-1]
+        for key, v in (
+            ("fisher/channels", self._live_channels(module)),
+            ("fisher/params", report.total_params),
+            ("fisher/mflops", report.flops_to_exit(last) / 1e6),
+            ("fisher/pruned", sum(len(c) for _, c, _ in self.history)),
+        ):
+            module.log(key, float(v), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+        if self.target is not None and value <= self.target:
+            self._finish(module, f"target met: {self.stop_at} {self._fmt(value)} <= {self._fmt(self.target)}")
+        elif not chosen:
+            self._finish(module, "every pruned group is down to one live channel; target not reached")
+
+    def _finish(self, module: NASModule, why: str) -> None:
+        self.done = True
+        if self._acc is not None:
+            self._acc.enabled = False
+        module.set_search_pending(_WHO, False)
+        pruned = sum(len(c) for _, c, _ in self.history)
+        print(f"\n{_WHO}: {why} after {pruned} channels in {len(self.history)} events")
+
+    def _live_channels(self, module: NASModule) -> int:
+        gates = gated_groups(module.net)
+        return sum(int((gates[g] != 0).sum()) for g in self.groups(module))
+
+    def _measure(self, module: NASModule) -> float:
+        if self.stop_at == "channels":
+            return float(self._live_channels(module))
+        report = collected_costs(module.net)
+        if self.stop_at == "params":
+            return float(report.total_params)
+        return report.flops_to_exit(module.arch_spec.exit_blocks(active_only=False)[-1]) / 1e6
+
+    def _fmt(self, value: float) -> str:
+        return f"{value:.2f} MFLOPs" if self.stop_at == "flops" else f"{value:,.0f}"
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        wandb = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not wandb or not trainer.is_global_zero or self._acc is None:
+            return
+        gates = gated_groups(pl_module.net)
+        live = {g: int((gates[g] != 0).sum()) for g in self._acc.groups if g in gates}
+        png = channel_chart(
+            live,
+            Path(wandb[0].experiment.dir) / "fisher" / f"live_epoch{trainer.current_epoch:03d}.png",
+            title=f"live channels, epoch {trainer.current_epoch}",
+        )
+        for logger in wandb:
+            logger.log_image("fisher/channels_chart", images=[str(png)], step=trainer.global_step)
+
+    # -- state --------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "initial": self.initial,
+            "target": self.target,
+            "done": self.done,
+            "history": [[s, c, v] for s, c, v in self.history],
+            "accumulator": self._acc.state_dict() if self._acc is not None else self._acc_state,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = int(state_dict["steps"])
+        self.initial = state_dict["initial"]
+        self.target = state_dict["target"]
+        self.done = bool(state_dict["done"])
+        self.history = [(int(s), [list(x) for x in c], float(v)) for s, c, v in state_dict["history"]]
+        self._acc_state = state_dict["accumulator"]
