@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lit_nas.cost import channel_flops
+from lit_nas.cost import CostReport, channel_flops
 from lit_nas.gates import attach_gates, gated_groups
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, require_nas_module
@@ -221,14 +221,13 @@ class FisherPruning(Callback):
             for group, k in chosen:
                 gates[group][k] = 0.0
         self._acc.reset()
-        value = self._measure(module)
+        report = collected_costs(module.net)  # what the network is once collected
+        value = self._measure(module, report)
         self.history.append((trainer.global_step, [[g, k] for g, k in chosen], value))
-        report = collected_costs(module.net)
-        last = module.arch_spec.exit_blocks(active_only=False)[-1]
         for key, v in (
             ("fisher/channels", self._live_channels(module)),
             ("fisher/params", report.total_params),
-            ("fisher/mflops", report.flops_to_exit(last) / 1e6),
+            ("fisher/mflops", _mflops(module, report)),
             ("fisher/pruned", sum(len(c) for _, c, _ in self.history)),
         ):
             module.log(key, float(v), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
@@ -249,13 +248,11 @@ class FisherPruning(Callback):
         gates = gated_groups(module.net)
         return sum(int((gates[g] != 0).sum()) for g in self.groups(module))
 
-    def _measure(self, module: NASModule) -> float:
+    def _measure(self, module: NASModule, report: CostReport | None = None) -> float:
         if self.stop_at == "channels":
             return float(self._live_channels(module))
-        report = collected_costs(module.net)
-        if self.stop_at == "params":
-            return float(report.total_params)
-        return report.flops_to_exit(module.arch_spec.exit_blocks(active_only=False)[-1]) / 1e6
+        report = report or collected_costs(module.net)
+        return float(report.total_params) if self.stop_at == "params" else _mflops(module, report)
 
     def _fmt(self, value: float) -> str:
         return f"{value:.2f} MFLOPs" if self.stop_at == "flops" else f"{value:,.0f}"
@@ -295,3 +292,8 @@ class FisherPruning(Callback):
         self.done = bool(state_dict["done"])
         self.history = [(int(s), [list(x) for x in c], float(v)) for s, c, v in state_dict["history"]]
         self._acc_state = state_dict["accumulator"]
+
+
+def _mflops(module: NASModule, report: CostReport) -> float:
+    """MFLOPs of one image through the whole network to its last exit."""
+    return report.flops_to_exit(module.arch_spec.exit_blocks(active_only=False)[-1]) / 1e6

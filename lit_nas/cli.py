@@ -15,9 +15,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_nas.data import ImageDataModule
 from lit_nas.module import MultiExitModule
@@ -127,6 +129,16 @@ class LitNASCLI(LightningCLI):
             return
         ckpt = self.trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        score = getattr(ckpt, "best_model_score", None)
+        if best and ckpt.monitor and (score is None or not bool(torch.isfinite(score))):
+            # every monitored value was NaN (a search never finished; ModelCheckpoint stores NaN as -inf):
+            # "best" would be an arbitrary checkpoint, perhaps of the network before the search; test the
+            # final weights instead
+            rank_zero_warn(
+                f"no checkpoint has a real {ckpt.monitor} (the architecture search did not finish): "
+                f"testing the final weights instead of {best}"
+            )
+            best = None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
 

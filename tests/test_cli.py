@@ -1,5 +1,6 @@
 """The CLI: every config runs, bare config names resolve, bad input fails before training, W&B offline."""
 
+import itertools
 import re
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def cli_error(args, capsys) -> str:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.init_args.net.kind=vgg"], "unknown network kind 'vgg'; valid choices: ['resnet_sdn', 'wide_resnet']"),
+        (["--model.init_args.net.kind=vgg"], "kind 'vgg'; valid choices: ['resnet_sdn', 'wide_resnet']"),
         (["--model.init_args.net.stage_widths=[16,32]"], "must have the same length"),
         (["--model.init_args.net.block_cells=[3,3,2,2]"], "sum to 10 but there are 9 cells"),
         (
@@ -217,13 +218,7 @@ def test_growing_fast_with_train_py_logs_growth_to_wandb(tmp_path, tiny_fashion)
 
 def test_dense_iterative_fast_with_train_py_logs_pruning_to_wandb(tmp_path):
     """The flagship's fast twin through train.py: pruning events, snip/* curves, map, found architecture."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "fmnist"
-    root.mkdir()
-    for name, n in [("train", 176), ("t10k", 32)]:
-        write_idx(root / f"{name}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz=False)
-        write_idx(root / f"{name}-labels-idx1-ubyte", rng.integers(0, 10, (n,)), gz=False)
-    proc = run_short(tmp_path, "dense_iterative_fast.yaml", root, epochs=9)
+    proc = run_short(tmp_path, "dense_iterative_fast.yaml", fake_fashion(tmp_path), epochs=9)
     for epoch in (1, 3, 4, 5, 6, 7):
         assert f"SnipPruning at epoch {epoch} (iterative, reinit=False):" in proc.stdout
     assert "block 3: step 3/3, keep 0.300" in proc.stdout
@@ -242,3 +237,38 @@ def test_dense_iterative_fast_with_train_py_logs_pruning_to_wandb(tmp_path):
     assert int(re.search(r"best-epoch=(\d+)\.ckpt", proc.stdout + proc.stderr).group(1)) >= 7
     found = list((tmp_path / "runs").glob("lit_nas/*/checkpoints/found_arch.yaml"))
     assert found and (found[0].parent / "found_masks.pt").is_file()
+
+
+def fake_fashion(tmp_path: Path) -> Path:
+    """Random images in Fashion-MNIST's IDX files (176 train, 32 test)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for name, n in [("train", 176), ("t10k", 32)]:
+        write_idx(root / f"{name}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz=False)
+        write_idx(root / f"{name}-labels-idx1-ubyte", rng.integers(0, 10, (n,)), gz=False)
+    return root
+
+
+def test_shrinknet_fast_with_train_py_logs_switches_and_waits_for_them(tmp_path):
+    """shrinknet_fast.yaml via train.py: switch/* curves and heatmaps; selection waits for the switches."""
+    proc = run_short(tmp_path, "shrinknet_fast.yaml", fake_fashion(tmp_path), epochs=6)
+    assert "SwitchL1: switches frozen at epoch 5" in proc.stdout
+    run_dir = next((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    rows = history(next(run_dir.glob("run-*.wandb")))
+    live = [float(r["switch/live_channels"]) for r in rows if "switch/live_channels" in r]
+    assert len(live) == 6 and all(a >= b for a, b in itertools.pairwise(live))
+    assert sum("switch/live/_type" in r for r in rows) == 6  # one heatmap per epoch
+    assert any("switch/live/cell0.mid" in r for r in rows)
+    full = [r["val/acc_full"] for r in rows if "val/acc_full" in r]
+    assert full[:5] == ["NaN"] * 5 and full[5] != "NaN"
+    assert "best-epoch=005.ckpt" in proc.stdout + proc.stderr
+
+
+def test_an_unfinished_search_tests_the_final_weights_not_an_arbitrary_checkpoint(tmp_path):
+    """fisher_fast.yaml stopped before pruning starts: no real val/acc_full, so no 'best' checkpoint."""
+    proc = run_short(tmp_path, "fisher_fast.yaml", fake_fashion(tmp_path), epochs=2)
+    assert "no checkpoint has a real val/acc_full" in proc.stderr
+    assert "testing the final weights" in proc.stderr
+    rows = history(next((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert any("test/acc_exit3" in r for r in rows)
