@@ -175,6 +175,8 @@ class SwitchL1(Callback):
                 raise ValueError(
                     f"{_WHO}: the switch of {name!r} has weight decay; exclude it (no_weight_decay)"
                 )
+            # a checkpoint is written after the epoch-end collection, its records before: align them
+            self._follow_collection(name, theta)
             self._live[name] = theta.detach() != 0
             self._prev_sign.setdefault(name, torch.sign(theta.detach()))
         if self.update == "subgradient" and not self.stopped:
@@ -236,6 +238,7 @@ class SwitchL1(Callback):
             new = sign_change_kills(theta, self._prev_sign[name].to(theta.device))
         else:
             window = self._windows.setdefault(name, SignWindow(theta.numel(), self.window, theta.device))
+            window.signs = window.signs.to(theta.device)  # restored from a checkpoint on the CPU
             window.push(theta)
             new = sign_variance_kills(window, self.gamma)
         dead = was_dead | (theta == 0) | new

@@ -158,6 +158,32 @@ def test_shrinking_then_collecting_then_folding_keeps_the_function(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("kill", ["sign_change", "sign_variance"])
+def test_a_resume_after_collections_continues_bit_identically(tmp_path, kill):
+    """Stop after epoch 1 (switches killed and collected at its end), resume into a full-size module."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def callbacks(d):
+        switch = SwitchL1(update="subgradient", kill=kill, lam=0.2, window=4, gamma=0.8)
+        return switch, [switch, GarbageCollection(), ModelCheckpoint(d, save_top_k=-1)]
+
+    ref = tiny_module()
+    switch_ref, cbs = callbacks(tmp_path / "a")
+    tiny_trainer(tmp_path / "a", max_epochs=4, callbacks=cbs, enable_checkpointing=True).fit(
+        ref, datamodule=data()
+    )
+    sizes = [sum(h.values()) for _, h in switch_ref.history]
+    assert sizes[1] < 48 and sizes[-1] < sizes[1]  # collected before the checkpoint and after the resume
+    resumed = tiny_module()
+    switch_b, cbs = callbacks(tmp_path / "b")
+    tiny_trainer(tmp_path / "b", max_epochs=4, callbacks=cbs, enable_checkpointing=True).fit(
+        resumed, datamodule=data(), ckpt_path=str(tmp_path / "a" / "epoch=1-step=8.ckpt")
+    )
+    assert resumed.arch_spec == ref.arch_spec and switch_b.history == switch_ref.history
+    for (k, v), (k2, v2) in zip(ref.state_dict().items(), resumed.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
