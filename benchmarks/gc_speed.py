@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import random
 import statistics
-import time
 
 import lit_nas  # noqa: F401  isort: skip  (first: torchvision compat)
 import torch
+from interleave import median_ratio, time_interleaved  # benchmarks/interleave.py (the script's folder)
 from torch import nn
 
 from lit_nas import DataShape, NetConfig, build_net
@@ -103,30 +102,15 @@ def main() -> None:
         for _ in range(args.steps)
     ]
 
-    def step(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(name: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         opts[name].zero_grad(set_to_none=True)
-        loss_of(nets[name], x, y).backward()
+        loss_of(nets[name], *batch).backward()
         opts[name].step()
 
-    for name in nets:  # warm-up
-        for x, y in batches[:3]:
-            step(name, x, y)
-    times: dict[str, list[float]] = {name: [] for name in nets}
-    order = list(nets)
-    rng = random.Random(0)
-    for r in range(args.rounds):
-        for x, y in batches:
-            rng.shuffle(order)
-            for name in order:
-                t0 = time.perf_counter()
-                step(name, x, y)
-                times[name].append(time.perf_counter() - t0)
-        last = slice(-args.steps, None)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{n} {statistics.mean(times[n][last]) * 1e3:.1f} ms" for n in nets))  # fmt: skip
+    times = time_interleaved(list(nets), batches, step, args.rounds)
 
     def ratio(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+        return median_ratio(times, a, b)
 
     med = {n: statistics.median(t) for n, t in times.items()}
     print(f"\n{len(times['native'])} steps per variant; median step time:")

@@ -22,12 +22,12 @@ Default network: dense_iterative_fast.yaml's (dense, 8/16/32) on 1x28x28 inputs,
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 
 import lit_nas  # noqa: F401  isort: skip  (first: torchvision compat)
 import torch
+from interleave import median_ratio, time_interleaved  # benchmarks/interleave.py (the script's folder)
 from torch import nn
 from torch.nn.utils import prune
 
@@ -97,36 +97,17 @@ def main() -> None:
         for _ in range(args.steps)
     ]
 
-    def step(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(name: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         model, opt = models[name], opts[name]
         opt.zero_grad(set_to_none=True)
-        loss_of(model, x, y).backward()
+        loss_of(model, *batch).backward()
         if name == "lit_nas":
             ours.on_before_optimizer_step(opt)  # masks the gradients
         opt.step()
         if name == "lit_nas":
             apply_masks(pairs)  # what MultiExitModule.optimizer_step does after the step
 
-    for name in models:  # warm-up
-        for x, y in batches[:3]:
-            step(name, x, y)
-    # Interleaved step by step (shuffled order per batch): the machine's speed drifts by more than the
-    # effect measured, so each step is compared with the other variants' steps on the same batch.
-    times: dict[str, list[float]] = {name: [] for name in models}
-    order = list(models)
-    rng = random.Random(0)
-    for r in range(args.rounds):
-        for x, y in batches:
-            rng.shuffle(order)
-            for name in order:
-                t0 = time.perf_counter()
-                step(name, x, y)
-                times[name].append(time.perf_counter() - t0)
-        last = slice(-args.steps, None)
-        print(
-            f"round {r + 1}/{args.rounds}: "
-            + ", ".join(f"{n} {statistics.mean(times[n][last]) * 1e3:.1f} ms" for n in models)
-        )
+    times = time_interleaved(list(models), batches, step, args.rounds)
     # the masking alone, timed in isolation: what a masked step adds to a dense one
     for p, _ in pairs:
         p.grad = torch.ones_like(p)
@@ -142,7 +123,7 @@ def main() -> None:
         w_hook = hooked.get_submodule(name.rsplit(".", 1)[0]).weight
         if torch.any(w_ours[mask == 0] != 0) or torch.any(w_hook[mask == 0] != 0):
             raise SystemExit(f"a pruned weight of {name} is not zero")
-    ratio = {n: statistics.median(a / d for a, d in zip(times[n], times["dense"])) for n in models}
+    ratio = {n: median_ratio(times, n, "dense") for n in models}
     med = {n: statistics.median(t) for n, t in times.items()}
     n = len(times["dense"])
     print(f"\n{n} steps per variant; median step time, median of the per-batch ratios to dense:")
