@@ -134,6 +134,7 @@ class SwitchL1(Callback):
         self._windows: dict[str, SignWindow] = {}
         self._live: dict[str, Tensor] = {}  # live switches after the last step (what GC keeps)
         self._groups: dict[str, dict[str, Any]] = {}  # the optimizer param group holding each switch
+        self._names: list[str] = []  # the switched channel groups
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def groups(self, module: NASModule) -> list[str]:
@@ -147,13 +148,14 @@ class SwitchL1(Callback):
         if stage != "fit":
             return
         # before configure_optimizers, so the switches are in the optimizer (without weight decay)
-        switches = attach_gates(module.net, self.groups(module), trainable=True, init=self.init)
+        self._names = self.groups(module)  # group names survive collections; computed once, not per step
+        switches = attach_gates(module.net, self._names, trainable=True, init=self.init)
         if not self.initial_sizes:
             self.initial_sizes = {g: p.numel() for g, p in switches.items()}
 
     def _switches(self, module: NASModule) -> dict[str, nn.Parameter]:
         gates = gated_groups(module.net)
-        return {g: gates[g] for g in self.groups(module) if g in gates}
+        return {g: gates[g] for g in self._names if g in gates}
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

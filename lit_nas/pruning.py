@@ -290,10 +290,13 @@ class FisherAccumulator:
         self._live: dict[str, Tensor] = {}  # gate != 0 when the sums were last aligned
         self._step: dict[str, Tensor] = {}
         self._handles: list[Any] = []
+        self._gates: dict[str, Tensor] = {}
 
     def attach(self) -> None:
         """Hook the producing BatchNorms of every group (after their gate hooks)."""
         self.detach()
+        gates = gated_groups(self.net)
+        self._gates = {group: gates[group] for group in self.groups}  # sliced in place by surgery: stable
         for group in self.groups:
             for norm in producer_norms(self.net, group):
                 self._handles.append(norm.register_forward_hook(self._forward_hook(group)))
@@ -305,7 +308,7 @@ class FisherAccumulator:
         self._handles = []
 
     def _gate(self, group: str) -> Tensor:
-        return gated_groups(self.net)[group].detach()
+        return self._gates[group].detach()
 
     def _forward_hook(self, group: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
