@@ -5,10 +5,20 @@ imports ``lit_nas`` (never the other way round).
 """
 
 import lit_nas  # noqa: F401  (first: makes torchvision importable next to a CPU torch)
+from callbacks.distillation import Distillation
 from callbacks.fisher import FisherPruning
 from callbacks.garbage_collection import GarbageCollection
 from callbacks.growing import Growing
+from callbacks.retrain import RetrainFromScratch
 from callbacks.snip import SnipPruning
 from callbacks.switch_l1 import SwitchL1
 
-__all__ = ["FisherPruning", "GarbageCollection", "Growing", "SnipPruning", "SwitchL1"]
+__all__ = [
+    "Distillation",
+    "FisherPruning",
+    "GarbageCollection",
+    "Growing",
+    "RetrainFromScratch",
+    "SnipPruning",
+    "SwitchL1",
+]

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from callbacks.artifacts import write_found
 from lit_nas.gates import gated_groups
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, require_nas_module
@@ -39,6 +40,9 @@ class GarbageCollection(Callback):
     on the same tensors, at the same point of the LR schedule, computing the same function. The ArchSpec is
     updated: checkpoints and ``load_from_checkpoint`` rebuild the smaller network. A group whose gate is
     all zero keeps one (still gated-off) channel: no layer is left with 0 channels.
+
+    At fit end it collects once more and writes the architecture found (``found_arch.yaml``, and
+    ``found_masks.pt`` with weight masks) next to the checkpoints, for a retraining from scratch.
 
     Logs after each collection ``gc/params``, ``gc/mflops`` (the full network to its last exit) and
     ``gc/channels_removed``, prints the channels per group, and logs a bar chart of them as the W&B image
@@ -66,6 +70,7 @@ class GarbageCollection(Callback):
         self.after_prune = after_prune
         #: ``(epoch, channels removed, parameters after)`` of every collection
         self.history: list[tuple[int, int, int]] = []
+        self.found_paths: tuple[Path, Path | None] | None = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -92,7 +97,9 @@ class GarbageCollection(Callback):
         if self.epochs is None or trainer.current_epoch in self.epochs:
             self._collect(trainer, pl_module, on_step=False)
 
-    def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
+    def _collect(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool, log_metrics: bool = True
+    ) -> None:
         module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
         removed = collect(module, trainer.optimizers)
         if not removed:
@@ -101,6 +108,8 @@ class GarbageCollection(Callback):
         last = module.arch_spec.exit_blocks(active_only=False)[-1]
         total = sum(removed.values())
         self.history.append((trainer.current_epoch, total, costs.total_params))
+        if not log_metrics:  # after fit: self.log is not allowed there
+            return
         for key, value in (
             ("gc/params", float(costs.total_params)),
             ("gc/mflops", costs.flops_to_exit(last) / 1e6),
@@ -108,6 +117,16 @@ class GarbageCollection(Callback):
         ):
             pl_module.log(key, value, on_step=on_step, on_epoch=not on_step)
         self._report(trainer, module, removed)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a last collection, so the architecture written is the one found (gates may have closed since)
+        self._collect(trainer, pl_module, on_step=False, log_metrics=False)
+        if self.history and not trainer.fast_dev_run:
+            written = write_found(trainer, pl_module)  # type: ignore[arg-type]  (every rank)
+            if written is not None:
+                self.found_paths = written
+                print(f"GarbageCollection: architecture found -> {written[0]}")
 
     def _report(self, trainer: L.Trainer, module: NASModule, removed: dict[str, int]) -> None:
         sizes = {g.name: g.size for g in module.channel_groups()}

@@ -29,7 +29,8 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_nas.masks import connectivity_map, kept_count, save_masks
+from callbacks.artifacts import artifact_dir, write_found
+from lit_nas.masks import connectivity_map, kept_count
 from lit_nas.nets.base import ExitLogits
 from lit_nas.protocol import NASModule, require_nas_module
 from lit_nas.pruning import (
@@ -168,7 +169,7 @@ class SnipPruning(Callback):
         self.history: list[tuple[int, int, int, float, int, int]] = []
         self._checked_epoch = -1
         self._restored = False
-        self.found_paths: tuple[Path, Path] | None = None
+        self.found_paths: tuple[Path, Path | None] | None = None
 
     @property
     def steps(self) -> int:
@@ -342,15 +343,10 @@ class SnipPruning(Callback):
                 self.steps,
             )
         if self.save_found and self.history:
-            ckpt = trainer.checkpoint_callback
-            dirpath = getattr(ckpt, "dirpath", None) if ckpt is not None else None
-            directory = Path(dirpath) if dirpath else artifact_dir(trainer)  # every rank: a collective
-            if not trainer.is_global_zero:
-                return
-            spec_path = module.arch_spec.save(directory / "found_arch.yaml")
-            masks_path = save_masks(directory / "found_masks.pt", module.arch_spec, module.masks())
-            self.found_paths = (spec_path, masks_path)
-            print(f"SnipPruning: architecture found -> {spec_path}, masks -> {masks_path}")
+            written = write_found(trainer, module)  # every rank: the directory may be a collective
+            if written is not None:
+                self.found_paths = written
+                print(f"SnipPruning: architecture found -> {written[0]}, masks -> {written[1]}")
 
     # -- state ------------------------------------------------------------------------------------------
     @override
@@ -380,16 +376,3 @@ class SnipPruning(Callback):
         ]
         self._checked_epoch = int(state_dict["checked_epoch"])
         self._restored = True
-
-
-def artifact_dir(trainer: L.Trainer) -> Path:
-    """A directory of this run's own for files (the W&B run's files directory, else the log directory).
-
-    Every rank must call it: ``trainer.log_dir`` is a collective under DDP.
-    """
-    log_dir = trainer.log_dir
-    if trainer.is_global_zero:  # other ranks hold a dummy W&B experiment
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                return Path(logger.experiment.dir)
-    return Path(log_dir or trainer.default_root_dir)

@@ -29,6 +29,7 @@ from lit_nas.masks import (
     attach_masks,
     ensure_mask_buffers,
     get_masks,
+    load_masks,
     mask_grads,
     mask_optimizer_state,
     masked_pairs,
@@ -62,6 +63,9 @@ class MultiExitModule(L.LightningModule):
     Args:
         net: recipe of the network (ignored when ``arch_spec`` is given).
         arch_spec: path to a saved :class:`ArchSpec` (YAML/JSON) to train instead of ``net``.
+        masks: path to a masks file (``found_masks.pt``, :func:`lit_nas.masks.save_masks`) whose weight masks
+            are applied from the start and kept (a found connectivity retrained from scratch); its
+            architecture must be the one trained.
         data_shape: input channels, size and classes; linked from the datamodule by the CLI.
         exit_loss: weighting of the exits' losses.
         optimizer: optimizer settings.
@@ -73,6 +77,7 @@ class MultiExitModule(L.LightningModule):
         self,
         net: NetConfig | None = None,
         arch_spec: str | None = None,
+        masks: str | None = None,
         data_shape: DataShape | None = None,
         exit_loss: ExitLossConfig | None = None,
         optimizer: OptimizerConfig | None = None,
@@ -108,6 +113,7 @@ class MultiExitModule(L.LightningModule):
             {
                 "net": asdict(net),
                 "arch_spec": arch_spec,
+                "masks": masks,
                 "data_shape": asdict(data_shape) if data_shape else None,
                 "exit_loss": asdict(self.exit_loss),
                 "optimizer": asdict(self.optimizer_config),
@@ -120,6 +126,14 @@ class MultiExitModule(L.LightningModule):
         self._search_pending: set[str] = set()  # callbacks that will still change the architecture
         self._loss_terms: dict[str, LossTerm] = {}
         self._build_metrics()
+        if masks is not None:
+            masks_spec, found = load_masks(masks)
+            if masks_spec.with_active_blocks(spec.active_blocks) != spec:
+                raise ValueError(
+                    f"masks file {masks!r} was found for another architecture than the one trained; pass the "
+                    "arch_spec written next to it (found_arch.yaml)"
+                )
+            self.set_masks(found)
         self._test_records: list[tuple[Tensor, Tensor]] = []
         self.early_exit_results: list[EarlyExitResult] = []
 
@@ -186,6 +200,12 @@ class MultiExitModule(L.LightningModule):
     def remove_loss_term(self, name: str) -> None:
         """Remove a loss term added with :meth:`add_loss_term` (no error if absent)."""
         self._loss_terms.pop(name, None)
+
+    def exit_weights(self) -> dict[int, float]:
+        """Weight of each active exit's loss in the training loss at the current epoch."""
+        max_epochs = (self.trainer.max_epochs if self._trainer is not None else None) or 1
+        exits = tuple(self.arch_spec.exit_blocks())
+        return exit_weights(self.exit_loss, self.arch_spec.num_blocks, exits, self.current_epoch, max_epochs)
 
     def costs(self) -> CostReport:
         """FLOPs and parameters per block and exit of the current network."""
@@ -256,11 +276,7 @@ class MultiExitModule(L.LightningModule):
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, ExitLogits]:
         x, y = batch
         out = self(x)
-        max_epochs = (self.trainer.max_epochs if self._trainer is not None else None) or 1
-        weights = exit_weights(
-            self.exit_loss, self.arch_spec.num_blocks, out.exits, self.current_epoch, max_epochs
-        )
-        loss, per_exit = multi_exit_loss(out, y, weights)
+        loss, per_exit = multi_exit_loss(out, y, self.exit_weights())
         # Accumulate here, log once per epoch (_log_epoch): a self.log call costs ~0.7 ms on CPU, and a
         # dozen of them per step were 5% of a training step.
         for e, logits in out.items():

@@ -55,6 +55,10 @@ class NASModule(Protocol):
         """FLOPs and parameters per block and exit of the current network (all blocks)."""
         ...
 
+    def exit_weights(self) -> dict[int, float]:
+        """Weight of each active exit's loss in the training loss at the current epoch."""
+        ...
+
     def masks(self) -> dict[str, Tensor]:
         """Weight masks (1 kept, 0 pruned) by parameter name; only masked parameters appear."""
         ...
@@ -85,6 +89,7 @@ _MEMBERS = (
     "prunable_weights",
     "channel_groups",
     "costs",
+    "exit_weights",
     "masks",
     "set_masks",
     "set_search_pending",

@@ -1,0 +1,162 @@
+"""``RetrainFromScratch``: keep the architecture found so far and train it again from new weights.
+
+Liège thesis section 4.3 (after Liu et al. and Crowley et al. 2018: the structure found by pruning, trained
+from scratch, beats the fine-tuned pruned network) and the lottery-ticket rewinding of Frankle et al.
+("Stabilizing the lottery ticket hypothesis"; Inria thesis section 2.3.1).
+
+Example (YAML)::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.RetrainFromScratch
+          init_args:
+            epoch: 8
+            init: rewind
+            rewind_epoch: 1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lit_nas.gates import gated_groups
+from lit_nas.nets import build_net
+from lit_nas.protocol import NASModule, require_nas_module
+
+INITS = ("random", "rewind")
+_WHO = "RetrainFromScratch"
+
+
+class RetrainFromScratch(Callback):
+    """At the start of epoch ``epoch``, restart training of the architecture found so far.
+
+    What is kept is the architecture: the ArchSpec (active blocks, channel counts after garbage collection),
+    the SNIP weight masks (the connectivity) and which channel gates are closed. What restarts:
+
+    * the weights: ``init: random`` draws fresh ones (a new seed; pruned weights stay exactly zero), or
+      ``init: rewind`` puts back the weights saved at the start of epoch ``rewind_epoch`` (lottery-ticket
+      rewinding; the saved weights are in this callback's checkpoint state, so a resume in between keeps
+      them); live gates and switches return to 1;
+    * the optimizer state and the learning-rate schedule (``configure_optimizers`` runs again, so the
+      schedule counts epochs from the restart: give ``max_epochs = epoch + the retraining's length``).
+
+    ``val/acc_full`` is NaN before the restart (the best checkpoint is a retrained network). Logs
+    ``retrain/started_epoch`` at the restart. Schedule it after the search callbacks have finished; those
+    still running would go on changing the retrained network.
+
+    Rewinding across a garbage collection is refused: the saved weights no longer fit the layers.
+
+    Args:
+        epoch: 0-based epoch at whose start training restarts (``>= 1``).
+        init: ``random`` or ``rewind``.
+        rewind_epoch: with ``rewind``: the epoch (``0 <= rewind_epoch < epoch``) whose starting weights come
+            back; 0 is the initialisation itself (the original lottery ticket).
+        seed: seed of the fresh weights with ``random``; ``None`` draws one from the run's random state.
+    """
+
+    def __init__(
+        self, epoch: int, init: str = "random", rewind_epoch: int | None = None, seed: int | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(epoch, int) or epoch < 1:
+            raise ValueError(f"RetrainFromScratch epoch must be an integer >= 1; got {epoch!r}")
+        if init not in INITS:
+            raise ValueError(f"unknown RetrainFromScratch init {init!r}; valid choices: {list(INITS)}")
+        if init == "rewind" and (not isinstance(rewind_epoch, int) or not 0 <= rewind_epoch < epoch):
+            raise ValueError(
+                f"RetrainFromScratch init: rewind needs rewind_epoch in 0..{epoch - 1} (before the restart "
+                f"at epoch {epoch}); got {rewind_epoch!r}"
+            )
+        if init == "random" and rewind_epoch is not None:
+            raise ValueError("RetrainFromScratch rewind_epoch is only used with init: rewind")
+        self.epoch = epoch
+        self.init = init
+        self.rewind_epoch = rewind_epoch
+        self.seed = seed
+        self.restarted = False
+        self.rewind_state: dict[str, torch.Tensor] | None = None  # the network's weights at rewind_epoch
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_nas_module(pl_module, _WHO)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.max_epochs is not None and self.epoch >= trainer.max_epochs:
+            raise ValueError(
+                f"RetrainFromScratch epoch {self.epoch} is not before max_epochs={trainer.max_epochs}: it "
+                "would never restart"
+            )
+        pl_module.set_search_pending(_WHO, not self.restarted)  # type: ignore[attr-defined]
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        epoch = trainer.current_epoch
+        if self.init == "rewind" and epoch == self.rewind_epoch and self.rewind_state is None:
+            self.rewind_state = {k: v.detach().cpu().clone() for k, v in _weights(module).items()}
+        if epoch == self.epoch and not self.restarted:
+            self._restart(trainer, module)
+
+    def _restart(self, trainer: L.Trainer, module: NASModule) -> None:
+        masks = module.masks()
+        current = _weights(module)
+        if self.init == "random":
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                fresh = build_net(module.arch_spec).state_dict()
+            new = {k: fresh[k] for k in current}
+        else:
+            if self.rewind_state is None:
+                raise RuntimeError(f"{_WHO}: no weights were saved at epoch {self.rewind_epoch}")
+            changed = [
+                k
+                for k, v in current.items()
+                if k not in self.rewind_state or self.rewind_state[k].shape != v.shape
+            ]
+            if changed:
+                raise ValueError(
+                    f"{_WHO}: cannot rewind to epoch {self.rewind_epoch}: layers changed shape since "
+                    f"(garbage collection?): {changed[:4]}; use init: random, or rewind to an epoch after "
+                    "the last change"
+                )
+            new = self.rewind_state
+        with torch.no_grad():
+            for k, v in current.items():
+                v.copy_(new[k].to(device=v.device, dtype=v.dtype))
+            for gate in gated_groups(module.net).values():
+                gate.copy_((gate != 0).to(gate.dtype))  # live gates back to 1, closed ones stay closed
+        module.set_masks(masks)  # pruned weights back to exactly zero
+        trainer.strategy.setup_optimizers(trainer)  # fresh optimizer state and LR schedule
+        self.restarted = True
+        module.set_search_pending(_WHO, False)
+        module.log("retrain/started_epoch", float(trainer.current_epoch), on_step=False, on_epoch=True)  # type: ignore[attr-defined]
+        print(
+            f"\n{_WHO}: training restarts at epoch {trainer.current_epoch} ({self.init}"
+            + (f" to epoch {self.rewind_epoch}" if self.init == "rewind" else "")
+            + f"): {module.costs().total_params:,} parameters, {len(masks)} masked weights"
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"restarted": self.restarted, "rewind_state": self.rewind_state}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restarted = bool(state_dict["restarted"])
+        self.rewind_state = state_dict["rewind_state"]
+
+
+def _weights(module: NASModule) -> dict[str, torch.Tensor]:
+    """The network's parameters and BatchNorm statistics, without masks and gates (the architecture)."""
+    return {
+        k: v
+        for k, v in module.net.state_dict(keep_vars=True).items()
+        if not k.endswith("_mask") and not k.startswith("gates.")
+    }
