@@ -87,7 +87,7 @@ class RetrainFromScratch(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.max_epochs is not None and self.epoch >= trainer.max_epochs:
+        if not trainer.fast_dev_run and trainer.max_epochs is not None and self.epoch >= trainer.max_epochs:
             raise ValueError(
                 f"RetrainFromScratch epoch {self.epoch} is not before max_epochs={trainer.max_epochs}: it "
                 "would never restart"

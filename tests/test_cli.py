@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from callbacks import Distillation
 from lit_nas.cli import CONFIG_DIR, REPO_ROOT, LitNASCLI, resolve_config_args
 from tests.dataset_files import skip_md5, write_idx, write_tiny_cifar10
 from tests.wandb_records import history
@@ -52,6 +53,40 @@ def test_configs_exist():
     } <= set(CONFIGS)
 
 
+def tiny_teacher(tmp_path: Path, shape) -> Path:
+    """A lit_nas checkpoint of a tiny network for data of ``shape`` (one training step)."""
+    import lightning as L
+    import torch
+
+    from lit_nas import MultiExitModule, NetConfig
+    from lit_nas.data import SyntheticDataModule
+
+    torch.manual_seed(0)
+    recipe = NetConfig(stage_widths=[4, 8, 8], cells_per_stage=[1, 1, 1], exit_depths=[1.0])
+    teacher = MultiExitModule(net=recipe, data_shape=shape)
+    data = SyntheticDataModule(
+        num_train=64,
+        num_test=32,
+        in_channels=shape.in_channels,
+        input_size=shape.input_size,
+        num_classes=shape.num_classes,
+        batch_size=16,
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    trainer.fit(teacher, datamodule=data)
+    path = tmp_path / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_parses_and_trains_a_few_batches(config, tmp_path, tiny_fashion, monkeypatch):
     args = [
@@ -64,6 +99,9 @@ def test_every_config_parses_and_trains_a_few_batches(config, tmp_path, tiny_fas
         *data_args(config, tmp_path, tiny_fashion, monkeypatch),
     ]
     cli = LitNASCLI(args=resolve_config_args(args), run=False)
+    for cb in cli.trainer.callbacks:
+        if isinstance(cb, Distillation) and cb.teacher_path is not None:  # the teacher of a previous run
+            cb.teacher_path = str(tiny_teacher(tmp_path, cli.datamodule.data_shape))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 2
