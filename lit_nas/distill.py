@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_nas.module import MultiExitModule
+
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch."""
@@ -38,13 +40,11 @@ def kd_loss(
     return lam * hard + (1 - lam) * temperature**2 * soft_kl(student_logits, teacher_logits, temperature)
 
 
-def load_teacher(path: str | Path, device: torch.device | str = "cpu"):
+def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> MultiExitModule:
     """A lit_nas checkpoint as a frozen teacher: eval mode, no gradients, on ``device``.
 
     Loaded with ``weights_only=True``; its own ArchSpec rebuilds it, whatever its architecture.
     """
-    from lit_nas.module import MultiExitModule  # local: the module imports the objectives, not this
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint {str(path)!r} does not exist")
