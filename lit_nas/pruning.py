@@ -287,7 +287,7 @@ class FisherAccumulator:
         self.enabled = True
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
-        self._live: dict[str, Tensor] = {}  # gate != 0 when the sums were last aligned
+        self._live: dict[str, Tensor] = {}  # gate != 0 when each group's sums began
         self._step: dict[str, Tensor] = {}
         self._handles: list[Any] = []
         self._gates: dict[str, Tensor] = {}
@@ -319,27 +319,36 @@ class FisherAccumulator:
         return hook
 
     def _align(self, group: str) -> None:
-        size = self._gate(group).numel()
-        if group in self.sums and self.sums[group].numel() != size:
+        """Follow a garbage collection: the running sums keep the channels that were live when they began.
+
+        Gates only close at prune events, which reset the sums, so the live channels recorded when a group's
+        sums begin are the ones a later collection keeps.
+        """
+        gate = self._gate(group)
+        if group in self.sums and self.sums[group].numel() != gate.numel():
             live = self._live[group]
-            if int(live.sum()) == size:  # collected: keep the sums of the surviving channels
+            if int(live.sum()) == gate.numel():  # collected: keep the sums of the surviving channels
                 self.sums[group] = self.sums[group][live.to(self.sums[group].device)]
+                self._live[group] = gate != 0
             else:
                 del self.sums[group]
                 self.counts[group] = 0
-        self._live[group] = self._gate(group) != 0
 
     def _add(self, group: str, act: Tensor, grad: Tensor) -> None:
         g = fisher_signal(act, grad).detach()
         prev = self._step.get(group)
-        self._step[group] = g if prev is None or prev.shape != g.shape else prev + g
+        self._step[group] = g if prev is None else prev + g
 
     def end_step(self) -> None:
         """Square and accumulate the signals of the step whose backward pass just ran."""
         for group, g in self._step.items():
             self._align(group)
             total = g.pow(2).sum(0)
-            self.sums[group] = total if group not in self.sums else self.sums[group] + total
+            if group in self.sums:
+                self.sums[group] = self.sums[group] + total
+            else:  # the sums begin: remember which channels are live now
+                self.sums[group] = total
+                self._live[group] = self._gate(group) != 0
             self.counts[group] = self.counts.get(group, 0) + g.shape[0]
         self._step = {}
 
