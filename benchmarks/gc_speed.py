@@ -29,7 +29,11 @@ import statistics
 
 import lit_nas  # noqa: F401  isort: skip  (first: torchvision compat)
 import torch
-from interleave import median_ratio, time_interleaved  # benchmarks/interleave.py (the script's folder)
+from interleave import (
+    median_ratio,
+    random_batches,
+    time_interleaved,
+)  # benchmarks/interleave.py (the script's folder)
 from torch import nn
 
 from lit_nas import DataShape, NetConfig, build_net
@@ -93,14 +97,7 @@ def main() -> None:
     nets = {"collected": collected, "folded": folded, "native": native, "gated": gated}
     opts = {"collected": opt_collected, "folded": opt_folded, "native": optimizer(native), "gated": opt_gated}
 
-    gen = torch.Generator().manual_seed(1)
-    batches = [
-        (
-            torch.randn(args.batch_size, 1, 28, 28, generator=gen),
-            torch.randint(0, 10, (args.batch_size,), generator=gen),
-        )
-        for _ in range(args.steps)
-    ]
+    batches = random_batches(args.steps, args.batch_size)
 
     def step(name: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         opts[name].zero_grad(set_to_none=True)

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 
 def time_interleaved(
     names: Sequence[str],
@@ -47,3 +49,14 @@ def time_interleaved(
 def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     """Median over batches of ``a``'s step time over ``b``'s on the same batch."""
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def random_batches(
+    steps: int, batch_size: int, shape: tuple[int, ...] = (1, 28, 28), classes: int = 10, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` fixed batches of random images and labels (timing needs no real data)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch_size, *shape, generator=g), torch.randint(0, classes, (batch_size,), generator=g))
+        for _ in range(steps)
+    ]

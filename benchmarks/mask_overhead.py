@@ -27,7 +27,11 @@ import time
 
 import lit_nas  # noqa: F401  isort: skip  (first: torchvision compat)
 import torch
-from interleave import median_ratio, time_interleaved  # benchmarks/interleave.py (the script's folder)
+from interleave import (
+    median_ratio,
+    random_batches,
+    time_interleaved,
+)  # benchmarks/interleave.py (the script's folder)
 from torch import nn
 from torch.nn.utils import prune
 
@@ -88,14 +92,7 @@ def main() -> None:
         f"{len(masks)} masked weights, {kept:.3f} kept, {args.threads} threads, {torch.__version__}"
     )
 
-    g = torch.Generator().manual_seed(1)
-    batches = [
-        (
-            torch.randn(args.batch_size, 1, 28, 28, generator=g),
-            torch.randint(0, 10, (args.batch_size,), generator=g),
-        )
-        for _ in range(args.steps)
-    ]
+    batches = random_batches(args.steps, args.batch_size)
 
     def step(name: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         model, opt = models[name], opts[name]
