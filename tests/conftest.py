@@ -40,3 +40,10 @@ def tiny_trainer(tmp_path, **kwargs):
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def tiny_data():
+    """Synthetic 3x16x16 images, 10 classes: 144 training images after the validation split, 4 steps of 32."""
+    from lit_nas.data import SyntheticDataModule
+
+    return SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)

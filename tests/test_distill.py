@@ -13,6 +13,7 @@ from lit_nas import DataShape, MultiExitModule, NetConfig
 from lit_nas.data import SyntheticDataModule
 from lit_nas.distill import kd_loss, soft_kl
 from tests.conftest import TINY, tiny_trainer
+from tests.conftest import tiny_data as data
 
 
 def test_kd_loss_is_the_formula_on_hand_computed_logits():
@@ -40,10 +41,6 @@ def tiny(widths=(4, 8, 8), seed=0) -> MultiExitModule:
     return MultiExitModule(
         net=NetConfig(**{**TINY, "stage_widths": list(widths)}), data_shape=DataShape(3, 16, 10)
     )
-
-
-def data() -> SyntheticDataModule:
-    return SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)
 
 
 @pytest.fixture

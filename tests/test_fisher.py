@@ -12,10 +12,10 @@ from torch import nn
 
 from callbacks import FisherPruning, GarbageCollection
 from lit_nas import DataShape, MultiExitModule, NetConfig, build_net
-from lit_nas.data import SyntheticDataModule
 from lit_nas.gates import attach_gates, gated_groups
 from lit_nas.pruning import FisherAccumulator, select_channels
 from tests.conftest import TINY, tiny_trainer
+from tests.conftest import tiny_data as data
 
 
 def test_accumulated_signal_is_the_per_sample_gradient_of_the_shared_channel_mask():
@@ -69,10 +69,6 @@ def test_selection_takes_the_lowest_ratio_and_never_empties_a_group():
 def tiny_module(**net) -> MultiExitModule:
     torch.manual_seed(0)
     return MultiExitModule(net=NetConfig(**{**TINY, **net}), data_shape=DataShape(3, 16, 10))
-
-
-def data() -> SyntheticDataModule:
-    return SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)  # 5 steps / epoch
 
 
 class LiveProbe(L.Callback):

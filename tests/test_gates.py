@@ -11,10 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import GarbageCollection
 from lit_nas import DataShape, MultiExitModule, NetConfig
-from lit_nas.data import SyntheticDataModule
 from lit_nas.gates import attach_gates, ensure_gates, fold_gates, gated_groups
 from lit_nas.surgery import remove_channels
-from tests.conftest import TINY, tiny_trainer
+from tests.conftest import TINY, tiny_data, tiny_trainer
 from tests.test_surgery import group_names, make
 
 
@@ -127,8 +126,7 @@ class EvalLogits(L.Callback):
 
 def fit(tmp_path, module, callbacks, max_epochs=6, ckpt_path=None):
     trainer = tiny_trainer(tmp_path, max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True)
-    data = SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=tiny_data(), ckpt_path=ckpt_path)
     return trainer
 
 

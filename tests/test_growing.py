@@ -14,11 +14,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks import Growing
 from lit_nas import DataShape, NetConfig
-from lit_nas.data import SyntheticDataModule
 from lit_nas.growing import active_blocks_at, identity_init, validate_grow_epochs
 from lit_nas.module import MultiExitModule
 from lit_nas.optim import LRScheduleConfig, OptimizerConfig
 from tests.conftest import TINY, tiny_trainer
+from tests.conftest import tiny_data as data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 def make_module(**kwargs) -> MultiExitModule:
     kwargs.setdefault("net", NetConfig(**TINY))  # 4 blocks of one cell each
     return MultiExitModule(data_shape=DataShape(3, 16, 10), **kwargs)
-
-
-def data() -> SyntheticDataModule:
-    return SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)
 
 
 def block_state(module: MultiExitModule, b: int) -> dict[str, torch.Tensor]:

@@ -11,11 +11,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import GarbageCollection, RetrainFromScratch
 from lit_nas import ArchSpec, DataShape, MultiExitModule, NetConfig
-from lit_nas.data import SyntheticDataModule
 from lit_nas.gates import attach_gates
 from lit_nas.masks import save_masks
 from lit_nas.optim import LRScheduleConfig
 from tests.conftest import TINY, tiny_trainer
+from tests.conftest import tiny_data as data
 
 
 def masked_module() -> MultiExitModule:
@@ -34,10 +34,6 @@ def masked_module() -> MultiExitModule:
     }
     module.set_masks(masks)
     return module
-
-
-def data() -> SyntheticDataModule:
-    return SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)  # 4 steps / epoch
 
 
 class Snapshots(L.Callback):

@@ -11,7 +11,6 @@ from torch import nn
 
 from callbacks import Growing, SnipPruning
 from lit_nas import DataShape, NetConfig
-from lit_nas.data import SyntheticDataModule
 from lit_nas.masks import attach_masks, connectivity_map, get_masks, load_masks
 from lit_nas.module import MultiExitModule
 from lit_nas.optim import OptimizerConfig
@@ -24,16 +23,13 @@ from lit_nas.pruning import (
 )
 from lit_nas.surgery import remove_channels
 from tests.conftest import TINY, tiny_trainer
+from tests.conftest import tiny_data as data
 from tests.test_growing import StopAfter, run_ddp_script
 
 
 def make_module(dense: bool = False, **kwargs) -> MultiExitModule:
     kwargs.setdefault("optimizer", OptimizerConfig(lr=0.05, momentum=0.9, weight_decay=5e-4))
     return MultiExitModule(net=NetConfig(**TINY, dense=dense), data_shape=DataShape(3, 16, 10), **kwargs)
-
-
-def data() -> SyntheticDataModule:
-    return SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)  # 5 steps/epoch
 
 
 def block_totals(module: MultiExitModule) -> dict[int, int]:

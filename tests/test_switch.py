@@ -10,7 +10,6 @@ import torch
 
 from callbacks import GarbageCollection, SwitchL1
 from lit_nas import DataShape, MultiExitModule, NetConfig
-from lit_nas.data import SyntheticDataModule
 from lit_nas.gates import gated_groups
 from lit_nas.surgery import fold_gates
 from lit_nas.switches import (
@@ -21,6 +20,7 @@ from lit_nas.switches import (
     threshold_kills,
 )
 from tests.conftest import TINY, tiny_trainer
+from tests.conftest import tiny_data as data
 
 
 def test_soft_threshold_is_the_l1_proximal_step():
@@ -59,10 +59,6 @@ def test_sign_variance_waits_for_a_full_window_and_kills_oscillating_switches():
 def tiny_module() -> MultiExitModule:
     torch.manual_seed(0)
     return MultiExitModule(net=NetConfig(**TINY), data_shape=DataShape(3, 16, 10))
-
-
-def data() -> SyntheticDataModule:
-    return SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)  # 4 steps / epoch
 
 
 class SwitchProbe(L.Callback):
