@@ -12,10 +12,25 @@ TORCH_INDEX ?=
 CPU_ONLY ?= 1
 STAMP := $(VENV)/.lit_nas-installed
 CONFIG ?= quickstart.yaml
+# TensorFlow (TFLite export) lives in its own environment: its protobuf/numpy pins clash with the training
+# stack, and tflite-runtime may not share a process with it anyway. device_bench runs it as a subprocess.
+EXPORT_VENV ?= .venv-export
+EXPORT_STAMP := $(EXPORT_VENV)/.lit_nas-export-installed
 
-.PHONY: setup data train test lint bench clean
+.PHONY: setup export-env pi data train test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(EXPORT_STAMP)
+
+export-env: $(EXPORT_STAMP)
+
+$(EXPORT_STAMP): device_bench/requirements-export.txt
+	@test -x $(EXPORT_VENV)/bin/python || $(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/python -m pip install -q -r device_bench/requirements-export.txt
+	@touch $(EXPORT_STAMP)
+
+# The emulated armv7l Raspberry-Pi-like device (root + binfmt_misc; see device_bench/emulator/build_pi.sh).
+pi:
+	bash device_bench/emulator/build_pi.sh runs/pi
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +40,7 @@ $(STAMP): pyproject.toml Makefile
 	  && $(PIP) install filelock typing-extensions sympy networkx jinja2 fsspec "setuptools>=77.0.3"; fi
 	@# torchvision's only other dependencies are numpy and pillow; --no-deps keeps torch as installed.
 	$(PIP) install --no-deps "torchvision==0.28.0" && $(PIP) install pillow
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,device]"
 	@if [ "$(CPU_ONLY)" = 1 ]; then $(PY) -c "import sys, torch; \
 	  sys.exit(0 if torch.version.cuda is None else 'a CUDA build of torch was installed; rerun with \
 	  TORCH_INDEX=<CPU wheel index> after rm -rf $(VENV), or set CPU_ONLY=0')"; fi
@@ -55,4 +70,5 @@ bench: setup data
 	$(PY) benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	-bash device_bench/emulator/build_pi.sh --stop runs/pi 2>/dev/null
+	rm -rf $(VENV) $(EXPORT_VENV) runs .pytest_cache

@@ -5,6 +5,7 @@ imports ``lit_nas`` (never the other way round).
 """
 
 import lit_nas  # noqa: F401  (first: makes torchvision importable next to a CPU torch)
+from callbacks.device_bench import DeviceBench
 from callbacks.distillation import Distillation
 from callbacks.fisher import FisherPruning
 from callbacks.garbage_collection import GarbageCollection
@@ -14,6 +15,7 @@ from callbacks.snip import SnipPruning
 from callbacks.switch_l1 import SwitchL1
 
 __all__ = [
+    "DeviceBench",
     "Distillation",
     "FisherPruning",
     "GarbageCollection",

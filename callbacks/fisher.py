@@ -21,6 +21,7 @@ Example (YAML)::
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,13 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from device_bench.lut import LatencyLUT, channel_latency
 from lit_nas.cost import CostReport, channel_flops
 from lit_nas.gates import attach_gates, gated_groups
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, require_nas_module
 from lit_nas.pruning import FisherAccumulator, select_channels
-from lit_nas.surgery import collected_costs
+from lit_nas.surgery import collect_gated, collected_costs
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +66,18 @@ class FisherPruning(Callback):
         every_n_steps: training steps over which the signal is accumulated before each prune event.
         per_step: channels gated off at each event.
         cost: ``none`` ranks by ``Delta_k``; ``flops`` by ``Delta_k`` over the FLOPs one channel of its group
-            costs (:func:`lit_nas.cost.channel_flops`); ``latency`` needs the per-layer latency look-up tables
-            of ``device_bench`` and is not available yet.
+            costs (:func:`lit_nas.cost.channel_flops`); ``latency`` by ``Delta_k`` over the latency one
+            channel costs, predicted by the look-up tables ``lut`` (:func:`device_bench.lut.channel_latency`,
+            Liège thesis section 4.4.2).
         stop_at: what the target measures: ``channels`` (live channels in the pruned groups), ``params``,
-            ``flops`` (to the last exit) or ``latency``.
+            ``flops`` (to the last exit) or ``latency`` (predicted by ``lut``, full model, milliseconds).
         target_fraction: stop once ``stop_at`` is at most this fraction of its value at the start, in (0, 1).
-        target_value: or stop once it is at most this value (channels, parameters, or MFLOPs).
+        target_value: or stop once it is at most this value (channels, parameters, MFLOPs or ms).
         scope: ``all`` channel groups, or ``inner``: only the inner width of each residual cell
             (``cell<i>.mid``), as Crowley et al. did, so the residual streams keep their width.
         start_epoch: first epoch (0-based) whose steps accumulate the signal (a pretraining phase before).
+        lut: latency look-up tables (JSON of :class:`device_bench.lut.LatencyLUT`) for the ``latency``
+            cost or target; they must cover the network's layers.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class FisherPruning(Callback):
         target_value: float | None = None,
         scope: str = "all",
         start_epoch: int = 0,
+        lut: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -95,12 +101,16 @@ class FisherPruning(Callback):
             raise ValueError(f"unknown FisherPruning cost {cost!r}; valid choices: {list(COSTS)}")
         if stop_at not in TARGETS:
             raise ValueError(f"unknown FisherPruning stop_at {stop_at!r}; valid choices: {list(TARGETS)}")
+        self.lut: LatencyLUT | None = None
         if "latency" in (cost, stop_at):
-            raise ValueError(
-                "FisherPruning latency cost/target needs the per-layer latency look-up tables of "
-                "device_bench, not built yet; valid choices for now: cost none|flops, "
-                "stop_at channels|params|flops"
-            )
+            if lut is None:
+                raise ValueError(
+                    f"FisherPruning cost={cost!r}, stop_at={stop_at!r} need lut: the path of latency look-up "
+                    "tables built for this network (python -m device_bench lut --config ... --out lut.json)"
+                )
+            if not Path(lut).is_file():
+                raise ValueError(f"FisherPruning lut {lut!r} does not exist")
+            self.lut = LatencyLUT.load(lut)
         if (target_fraction is None) == (target_value is None):
             raise ValueError(
                 "FisherPruning needs exactly one of target_fraction and target_value; got "
@@ -135,6 +145,13 @@ class FisherPruning(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         module = require_nas_module(pl_module, _WHO)
+        if self.lut is not None:
+            try:
+                self.lut.predict(module.arch_spec)
+            except KeyError as err:
+                raise ValueError(
+                    f"{_WHO}: the latency look-up tables do not cover this network: {err}"
+                ) from err
         if stage == "fit":
             # before configure_optimizers, as on a resume (the checkpoint recreates them): the optimizer
             # then has the same parameter groups either way (the gates are frozen, in the no-decay group)
@@ -215,7 +232,11 @@ class FisherPruning(Callback):
         gates = gated_groups(module.net)
         scores = self._acc.scores()
         live = {g: gates[g].detach() != 0 for g in scores}
-        costs = channel_flops(module.net) if self.cost == "flops" else None
+        costs: dict[str, float] | None = None
+        if self.cost == "flops":
+            costs = dict(channel_flops(module.net))
+        elif self.cost == "latency" and self.lut is not None:
+            costs = channel_latency(self.lut, self._collected(module))
         chosen = select_channels(scores, live, self.per_step, costs)
         with torch.no_grad():
             for group, k in chosen:
@@ -229,6 +250,7 @@ class FisherPruning(Callback):
             ("fisher/params", report.total_params),
             ("fisher/mflops", _mflops(module, report)),
             ("fisher/pruned", sum(len(c) for _, c, _ in self.history)),
+            *([("fisher/latency_ms", self._latency(module))] if self.lut is not None else []),
         ):
             module.log(key, float(v), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
         if self.target is not None and value <= self.target:
@@ -248,13 +270,28 @@ class FisherPruning(Callback):
         gates = gated_groups(module.net)
         return sum(int((gates[g] != 0).sum()) for g in self.groups(module))
 
+    @staticmethod
+    def _collected(module: NASModule) -> Any:
+        probe = copy.deepcopy(module.net)
+        collect_gated(probe)
+        return probe
+
+    def _latency(self, module: NASModule) -> float:
+        if self.lut is None:
+            raise RuntimeError(f"{_WHO} has no latency look-up tables")
+        return self.lut.predict(self._collected(module).spec)
+
     def _measure(self, module: NASModule, report: CostReport | None = None) -> float:
         if self.stop_at == "channels":
             return float(self._live_channels(module))
+        if self.stop_at == "latency":
+            return self._latency(module)
         report = report or collected_costs(module.net)
         return float(report.total_params) if self.stop_at == "params" else _mflops(module, report)
 
     def _fmt(self, value: float) -> str:
+        if self.stop_at == "latency":
+            return f"{value:.3f} ms"
         return f"{value:.2f} MFLOPs" if self.stop_at == "flops" else f"{value:,.0f}"
 
     @override

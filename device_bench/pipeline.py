@@ -1,0 +1,202 @@
+"""Export, time and evaluate a network in one call: what ``DeviceBench`` and ``python -m device_bench`` run.
+
+Latency comes from the configured runner (the device). Accuracy is measured on the host with the same
+interpreter (tflite-runtime, in its own process), on the test images. The expected latency under early exit
+at confidence threshold ``q`` is ``sum_e f_e(q) * latency(exit e)``, where ``f_e(q)`` is the fraction of
+*validation* images whose first exit with max softmax >= q is ``e`` (the last exit takes the rest), measured
+on the exported full model of the same precision, and ``latency(exit e)`` is the latency of the network up to
+exit ``e``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from device_bench.export import PRECISIONS, ExportResult, export_tflite, nhwc
+from device_bench.runners import BenchSettings, LocalRunner, Runner
+from lit_nas.early_exit import early_exit
+from lit_nas.nets import MultiExitNet
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax."""
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def expected_latency(
+    val_outputs: dict[str, np.ndarray],
+    val_labels: np.ndarray,
+    latencies_ms: dict[str, float],
+    thresholds: Sequence[float],
+) -> list[dict[str, Any]]:
+    """Expected latency and accuracy under confidence-threshold early exit.
+
+    Args:
+        val_outputs: ``{"exit<b>": (N, classes)}`` logits of the full model on validation images.
+        val_labels: ``(N,)`` labels.
+        latencies_ms: ``{"exit<b>": latency}`` of the network up to each exit.
+        thresholds: confidence thresholds q.
+
+    Returns:
+        One row per threshold: ``q``, ``expected_latency_ms``, ``accuracy``, ``exit_fractions`` (depth
+        order), ``latency_fraction`` (relative to the last exit's latency).
+    """
+    names = sorted(val_outputs, key=lambda n: int(n[4:]))
+    probs = [softmax(val_outputs[n]) for n in names]
+    conf = torch.as_tensor(np.stack([p.max(axis=1) for p in probs], axis=1))
+    correct = torch.as_tensor(np.stack([p.argmax(axis=1) == val_labels for p in probs], axis=1))
+    costs = [latencies_ms[n] for n in names]
+    rows = []
+    for r in early_exit(conf, correct, costs, costs[-1], list(thresholds)):
+        rows.append(
+            {
+                "q": r.threshold,
+                "expected_latency_ms": r.avg_flops,  # early_exit averages whatever cost it is given
+                "latency_fraction": r.cost_fraction,
+                "accuracy": r.accuracy,
+                "exit_fractions": list(r.exit_fractions),
+            }
+        )
+    return rows
+
+
+def benchmark_network(
+    net: MultiExitNet,
+    out_dir: str | Path,
+    runner: Runner,
+    settings: BenchSettings,
+    calib: Tensor,
+    test: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    thresholds: Sequence[float],
+    precisions: tuple[str, ...] = PRECISIONS,
+    host: Runner | None = None,
+    export_python: str | None = None,
+) -> dict[str, Any]:
+    """Export ``net`` into ``out_dir`` (:func:`~device_bench.export.export_tflite`), then :func:`measure`."""
+    exported = export_tflite(net, out_dir, calib, precisions, python=export_python)
+    return measure(exported, runner, settings, test, val, thresholds, host)
+
+
+def measure(
+    exported: ExportResult,
+    runner: Runner,
+    settings: BenchSettings,
+    test: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    thresholds: Sequence[float],
+    host: Runner | None = None,
+) -> dict[str, Any]:
+    """Time every exported model on ``runner`` and measure accuracies on the host.
+
+    Args:
+        exported: the models (:func:`~device_bench.export.export_tflite`).
+        runner: the device.
+        settings: timing protocol.
+        test: normalised NCHW test images and labels (accuracy).
+        val: normalised NCHW validation images and labels (early-exit fractions).
+        thresholds: early-exit confidence thresholds.
+        host: runner for the accuracy passes (default: this machine).
+
+    Returns:
+        The report (JSON-able): ``exits`` rows (exit, precision, latency, accuracy, size), ``early_exit``
+        rows per precision, ``int8_vs_fp32`` agreement, the device's description and the files.
+    """
+    precisions = tuple(dict.fromkeys(m.precision for m in exported.models))
+    paths = [m.path for m in exported.models]
+    timing = runner.run(paths, settings)
+    host = host or LocalRunner()
+    no_timing = BenchSettings(passes=0, interpreter=settings.interpreter)
+    test_x, test_y = nhwc(test[0]), test[1].numpy()
+    on_test = host.run(paths, no_timing, inputs=test_x).outputs
+    full = (
+        {p: f"full_{p}" for p in precisions}
+        if any(m.model == "full" for m in exported.models)
+        else {p: f"{m.model}_{p}" for m in exported.models for p in precisions if m.precision == p}
+    )
+    on_val = host.run(
+        [exported.by_name()[full[p]].path for p in precisions], no_timing, inputs=nhwc(val[0])
+    ).outputs
+
+    rows = []
+    exit_models = [m for m in exported.models if m.model != "full"]
+    for m in exit_models:
+        (out,) = m.outputs
+        stats = timing.report["models"][m.name]
+        rows.append(
+            {
+                "exit": int(out[4:]),
+                "precision": m.precision,
+                "latency_ms": stats["mean_ms"],
+                "median_ms": stats["median_ms"],
+                "std_ms": stats["std_ms"],
+                "accuracy": float((on_test[m.name][out].argmax(axis=1) == test_y).mean()),
+                "bytes": m.bytes,
+            }
+        )
+    rows.sort(key=lambda r: (r["exit"], r["precision"]))
+    report: dict[str, Any] = {
+        "device": {k: timing.report.get(k) for k in ("machine", "system", "python", "interpreter", "numpy")},
+        "runner": runner.describe(),
+        "settings": {k: timing.report.get(k) for k in ("runs", "passes", "warmup_s", "sleep_s", "threads")},
+        "tensorflow": exported.tensorflow,
+        "test_images": len(test_y),
+        "val_images": len(val[1]),
+        "exits": rows,
+        "full": {
+            m.name: dict(timing.report["models"][m.name], bytes=m.bytes)
+            for m in exported.models
+            if m.model == "full"
+        },
+        "early_exit": {},
+        "files": {m.name: str(m.path) for m in exported.models},
+    }
+    val_y = val[1].numpy()
+    for p in precisions:
+        lat = {f"exit{r['exit']}": r["latency_ms"] for r in rows if r["precision"] == p}
+        report["early_exit"][p] = expected_latency(on_val[full[p]], val_y, lat, thresholds)
+    if set(precisions) == {"fp32", "int8"}:
+        agree, drop = {}, {}
+        for m in exit_models:
+            if m.precision != "int8":
+                continue
+            (out,) = m.outputs
+            fp = on_test[f"{m.model}_fp32"][out]
+            q8 = on_test[m.name][out]
+            agree[out] = float((fp.argmax(axis=1) == q8.argmax(axis=1)).mean())
+            drop[out] = float((fp.argmax(axis=1) == test_y).mean() - (q8.argmax(axis=1) == test_y).mean())
+        report["int8_vs_fp32"] = {"top1_agreement": agree, "accuracy_drop": drop}
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The per-exit latency/accuracy table and the early-exit rows, as plain text."""
+    lines = [
+        f"Device benchmark on {report['runner']} ({report['device'].get('machine')}, "
+        f"{report['device'].get('interpreter')}, {report['settings'].get('threads')} thread(s)):"
+    ]
+    lines.append(f"{'exit':>4} {'precision':>9} {'latency ms':>11} {'± std':>7} {'test acc':>9} {'KiB':>7}")
+    for r in report["exits"]:
+        lines.append(
+            f"{r['exit']:>4} {r['precision']:>9} {r['latency_ms']:11.3f} {r['std_ms']:7.3f} "
+            f"{r['accuracy']:9.4f} {r['bytes'] / 1024:7.1f}"
+        )
+    for p, rows in report["early_exit"].items():
+        lines.append(
+            f"early exit ({p}): "
+            + ", ".join(
+                f"q={r['q']:g}: {r['expected_latency_ms']:.3f} ms ({r['latency_fraction']:.2f}x), "
+                f"acc {r['accuracy']:.4f}"
+                for r in rows
+            )
+        )
+    if report.get("error"):
+        lines.append(f"device error: {report['error']}")
+    return "\n".join(lines)
