@@ -18,6 +18,7 @@
 import lit_nas  # noqa: F401  isort: skip
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -128,16 +129,34 @@ def lut_accuracy(args, tmp: Path) -> None:
         f"one-layer models + {len(calib)} calibration + {len(variants)} validation networks (built in "
         f"{built:.0f} s, timed together in {timed:.0f} s, {settings.passes} passes x {settings.runs} runs)"
     )
-    measured = [result.latency_ms(f"valvariant{i:03d}") for i in range(len(variants))]
-    calib_measured = [result.latency_ms(f"variant{i:03d}") for i in range(len(calib))]
-    for sigma in args.sigmas:
-        lut = lut_from_report(tables, where, result, sigma)
-        for label, scale in (("raw", 1.0), ("calibrated", fit_scale(lut, calib, calib_measured))):
-            lut.scale = scale
-            predicted = [lut.predict(s) for s in variants]
-            r, mape = pearson_mape(predicted, measured)
-            print(f"   sigma {sigma:g} {label:>10} (scale {scale:.3f}): Pearson r {r:.4f}  MAPE {mape:.2f}%")
-    print(f"   measured validation networks: {min(measured):.3f} .. {max(measured):.3f} ms")
+    rows = []
+    for statistic in ("mean", "median"):
+        measured = [result.latency_ms(f"valvariant{i:03d}", statistic) for i in range(len(variants))]
+        calib_measured = [result.latency_ms(f"variant{i:03d}", statistic) for i in range(len(calib))]
+        for sigma in args.sigmas:
+            lut = lut_from_report(tables, where, result, sigma, statistic)
+            for label, scale in (("raw", 1.0), ("calibrated", fit_scale(lut, calib, calib_measured))):
+                lut.scale = scale
+                predicted = [lut.predict(s) for s in variants]
+                r, mape = pearson_mape(predicted, measured)
+                rows.append(
+                    dict(
+                        statistic=statistic,
+                        sigma=sigma,
+                        scale=scale,
+                        r=r,
+                        mape=mape,
+                        predicted_ms=predicted,
+                        measured_ms=measured,
+                    )
+                )
+                print(
+                    f"   {statistic:>6} sigma {sigma:g} {label:>10} (scale {scale:.3f}): "
+                    f"Pearson r {r:.4f}  MAPE {mape:.2f}%"
+                )
+        print(f"   measured validation networks ({statistic}): {min(measured):.3f} .. {max(measured):.3f} ms")
+    if args.dump:
+        Path(args.dump).write_text(json.dumps(rows, indent=1))
 
 
 def main() -> None:
@@ -151,9 +170,12 @@ def main() -> None:
     p.add_argument("--lut-passes", type=int, default=5)
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     p.add_argument("--skip-lut", action="store_true")
+    p.add_argument("--skip-export", action="store_true")
+    p.add_argument("--dump", help="JSON with every prediction and measurement of part 2")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="export_latency_") as tmp:
-        export_vs_eager(args, Path(tmp))
+        if not args.skip_export:
+            export_vs_eager(args, Path(tmp))
         if not args.skip_lut:
             lut_accuracy(args, Path(tmp))
 

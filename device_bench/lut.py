@@ -329,18 +329,26 @@ def layer_models(
 
 
 def lut_from_report(
-    tables: dict[str, TableSpec], where: dict[str, tuple[str, int, int]], result: Any, sigma: float = 1.0
+    tables: dict[str, TableSpec],
+    where: dict[str, tuple[str, int, int]],
+    result: Any,
+    sigma: float = 1.0,
+    statistic: str = "median",
 ) -> LatencyLUT:
-    """Assemble the tables from a timing run of :func:`layer_models`' files (a ``BenchReport``)."""
+    """Assemble the tables from a timing run of :func:`layer_models`' files (a ``BenchReport``).
+
+    ``statistic``: ``median`` (default) or ``mean`` of each model's timed runs. The median ignores the
+    occasional preempted run, the positive spikes the thesis saw in its tables.
+    """
     ms = {t.key: np.zeros((len(t.cin), len(t.cout))) for t in tables.values()}
     for name, (key, i, j) in where.items():
-        ms[key][i, j] = result.latency_ms(name)
+        ms[key][i, j] = result.latency_ms(name, statistic)
     report = result.report
     device = {k: report.get(k) for k in ("machine", "system", "python", "interpreter")}
     setting = {k: report.get(k) for k in ("runs", "passes", "warmup_s", "sleep_s", "threads")}
-    return from_measurements(
-        tables, ms, result.latency_ms("overhead"), sigma, device=device, settings=setting
-    )
+    setting["statistic"] = statistic
+    overhead = result.latency_ms("overhead", statistic)
+    return from_measurements(tables, ms, overhead, sigma, device=device, settings=setting)
 
 
 def measure_lut(
@@ -351,6 +359,7 @@ def measure_lut(
     channels: Sequence[int] = DEFAULT_CHANNELS,
     sigma: float = 1.0,
     calibration: int = 5,
+    statistic: str = "median",
     python: str | None = None,
 ) -> LatencyLUT:
     """Build the one-layer models of every table for ``specs``, time them with ``runner``, assemble the LUT.
@@ -364,15 +373,16 @@ def measure_lut(
         sigma: Gaussian smoothing, in grid steps.
         calibration: random pruned variants of ``specs[0]`` timed as whole networks in the same run, to fit
             :attr:`LatencyLUT.scale` (0: no calibration, scale 1).
+        statistic: ``median`` or ``mean`` of each model's timed runs.
         python: Python of the TensorFlow environment.
     """
     tables, where, paths = layer_models(specs, Path(out_dir) / "layers", channels, python)
     calib_specs = pruned_variants(specs[0], calibration, seed=1000) if calibration else []
     calib_paths = variant_models(calib_specs, Path(out_dir) / "calibration", python) if calib_specs else []
     result = runner.run(paths + calib_paths, settings)  # one shuffled run: the same conditions for both
-    lut = lut_from_report(tables, where, result, sigma)
+    lut = lut_from_report(tables, where, result, sigma, statistic)
     if calib_specs:
-        measured = [result.latency_ms(f"variant{i:03d}") for i in range(len(calib_specs))]
+        measured = [result.latency_ms(f"variant{i:03d}", statistic) for i in range(len(calib_specs))]
         lut.scale = fit_scale(lut, calib_specs, measured)
     return lut
 
@@ -419,7 +429,8 @@ def variant_models(specs: Sequence[ArchSpec], out_dir: str | Path, python: str |
 
 def compare(lut: LatencyLUT, specs: Sequence[ArchSpec], result: Any) -> dict[str, Any]:
     """Predicted vs measured latency of the :func:`variant_models` of ``specs`` in a timing run."""
-    measured = [result.latency_ms(f"variant{i:03d}") for i in range(len(specs))]
+    statistic = lut.settings.get("statistic", "mean")
+    measured = [result.latency_ms(f"variant{i:03d}", statistic) for i in range(len(specs))]
     predicted = [lut.predict(s) for s in specs]
     r, mape = pearson_mape(predicted, measured)
     return {"r": r, "mape": mape, "predicted_ms": predicted, "measured_ms": measured}

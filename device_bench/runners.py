@@ -26,6 +26,7 @@ import numpy as np
 
 SCRIPT = Path(__file__).with_name("bench_tflite.py")
 INTERPRETERS = ("tflite_runtime", "ai_edge_litert", "tensorflow")
+STATISTICS = ("mean", "median")
 
 
 class DeviceError(RuntimeError):
@@ -93,9 +94,11 @@ class BenchReport:
     report: dict[str, Any]
     outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
-    def latency_ms(self, name: str) -> float:
-        """Mean latency of model ``name`` in milliseconds."""
-        return float(self.report["models"][name]["mean_ms"])
+    def latency_ms(self, name: str, statistic: str = "mean") -> float:
+        """Latency of model ``name`` in milliseconds: the ``mean`` or ``median`` of its timed runs."""
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {statistic!r}; valid choices: {list(STATISTICS)}")
+        return float(self.report["models"][name][f"{statistic}_ms"])
 
 
 def model_name(path: str | Path) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -98,7 +98,9 @@ def test_plain_resnet_with_projections_and_odd_stride_two_inputs_matches_pytorch
 @needs_tflite
 def test_wide_resnet_with_squeeze_excitation_matches_pytorch(tmp_path):
     shape = DataShape(1, 28, 10)
-    spec = NetConfig(kind="wide_resnet", depth=10, widen_factor=1, se_reduction=4, exit_depths=[1.0]).build_spec(shape)
+    spec = NetConfig(
+        kind="wide_resnet", depth=10, widen_factor=1, se_reduction=4, exit_depths=[1.0]
+    ).build_spec(shape)
     assert all(c.se for c in spec.cells)
     check_parity(randomize(build_net(spec)), tmp_path, shape)
 
@@ -151,12 +153,12 @@ def tiny_models(tmp_path_factory):
     return net, result, x
 
 
-def test_local_runner_follows_the_protocol_and_keeps_hostile_names(tiny_models, tmp_path):
+def test_local_runner_follows_the_protocol_and_keeps_hostile_names(tiny_models, tmp_path, monkeypatch):
     _, result, x = tiny_models
     hostile = tmp_path / HOSTILE
     shutil.copy(result.by_name()["exit0_fp32"].path, hostile)
     models = [hostile, result.by_name()["full_int8"].path]
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where a broken quoting would create "pwned"
     rep = LocalRunner().run(models, BenchSettings(runs=7, passes=2, warmup_s=0.0), inputs=nhwc(x))
     name = HOSTILE[: -len(".tflite")]
     r = rep.report
@@ -181,7 +183,7 @@ def test_ssh_runner_streams_quotes_and_cleans_up(tiny_models, tmp_path, monkeypa
     remote_tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(remote_tmp))
     monkeypatch.chdir(tmp_path)
-    runner = SSHRunner("user@example:2201", ssh=FAKE_SSH, python=str(Path(os.sys.executable)))
+    runner = SSHRunner("user@example:2201", ssh=FAKE_SSH, python=sys.executable)
     assert runner.ssh_command("true")[-3:] == ["--", "user@example", "true"]
     assert ["-p", "2201"] == runner.ssh_command("x")[-5:-3]
     rep = runner.run(

@@ -161,7 +161,7 @@ def test_flops_pruning_resumes_exactly_from_a_collected_checkpoint(tmp_path):
             r"unknown FisherPruning cost 'params'; valid choices: \['none', 'flops', 'latency'\]",
         ),
         (dict(stop_at="accuracy"), r"unknown FisherPruning stop_at 'accuracy'; valid choices"),
-        (dict(cost="latency"), "latency look-up tables of device_bench"),
+        (dict(cost="latency"), r"cost='latency', stop_at='channels' need lut: the path of latency look-up"),
         (dict(every_n_steps=0), "every_n_steps must be an integer >= 1; got 0"),
         (dict(per_step=0), "per_step must be an integer >= 1; got 0"),
         (dict(target_fraction=None), "exactly one of target_fraction and target_value"),
