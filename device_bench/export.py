@@ -63,7 +63,7 @@ class ExportedModel:
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What :func:`export_tflite` wrote: the models, the mean/std the inputs are normalised with."""
+    """What :func:`export_tflite` wrote: the bundle directory, the models, the TensorFlow version."""
 
     directory: Path
     models: tuple[ExportedModel, ...]

@@ -11,17 +11,15 @@ exit ``e``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from device_bench.export import PRECISIONS, ExportResult, export_tflite, nhwc
+from device_bench.export import ExportResult, nhwc
 from device_bench.runners import BenchSettings, LocalRunner, Runner
 from lit_nas.early_exit import early_exit
-from lit_nas.nets import MultiExitNet
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -67,24 +65,6 @@ def expected_latency(
     return rows
 
 
-def benchmark_network(
-    net: MultiExitNet,
-    out_dir: str | Path,
-    runner: Runner,
-    settings: BenchSettings,
-    calib: Tensor,
-    test: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
-    thresholds: Sequence[float],
-    precisions: tuple[str, ...] = PRECISIONS,
-    host: Runner | None = None,
-    export_python: str | None = None,
-) -> dict[str, Any]:
-    """Export ``net`` into ``out_dir`` (:func:`~device_bench.export.export_tflite`), then :func:`measure`."""
-    exported = export_tflite(net, out_dir, calib, precisions, python=export_python)
-    return measure(exported, runner, settings, test, val, thresholds, host)
-
-
 def measure(
     exported: ExportResult,
     runner: Runner,
@@ -116,11 +96,11 @@ def measure(
     no_timing = BenchSettings(passes=0, interpreter=settings.interpreter)
     test_x, test_y = nhwc(test[0]), test[1].numpy()
     on_test = host.run(paths, no_timing, inputs=test_x).outputs
-    full = (
-        {p: f"full_{p}" for p in precisions}
-        if any(m.model == "full" for m in exported.models)
-        else {p: f"{m.model}_{p}" for m in exported.models for p in precisions if m.precision == p}
-    )
+    # the model computing every exit: "full", or the exit's own model in a single-exit network
+    full = {
+        p: max((m for m in exported.models if m.precision == p), key=lambda m: len(m.outputs)).name
+        for p in precisions
+    }
     on_val = host.run(
         [exported.by_name()[full[p]].path for p in precisions], no_timing, inputs=nhwc(val[0])
     ).outputs
