@@ -1,4 +1,4 @@
-"""Export, time and evaluate a network in one call: what ``DeviceBench`` and ``python -m device_bench`` run.
+"""Time and evaluate exported models on a device and on the host: what ``DeviceBench`` runs after fit.
 
 Latency comes from the configured runner (the device). Accuracy is measured on the host with the same
 interpreter (tflite-runtime, in its own process), on the test images. The expected latency under early exit
