@@ -23,6 +23,7 @@ from lit_nas.gates import attach_gates
 from lit_nas.masks import attach_masks
 from lit_nas.surgery import collect_gated
 from tests.conftest import TINY, tiny_data, tiny_trainer
+from tests.wandb_records import history
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_SSH = str(Path(__file__).with_name("fake_ssh.sh"))
@@ -236,12 +237,14 @@ def test_expected_latency_is_the_fraction_weighted_sum_of_exit_latencies():
 
 
 # -- DeviceBench ----------------------------------------------------------------------------------------
-def _fit_with(tmp_path, bench: DeviceBench):
+def _fit_with(tmp_path, bench: DeviceBench, logger=False):
     torch.manual_seed(0)
     dm = tiny_data()
     module = MultiExitModule(net=NetConfig(**TINY), data_shape=dm.data_shape)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max")
-    trainer = tiny_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt, bench])
+    trainer = tiny_trainer(
+        tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt, bench], logger=logger
+    )
     trainer.fit(module, datamodule=dm)
     return trainer, module, ckpt
 
@@ -249,8 +252,12 @@ def _fit_with(tmp_path, bench: DeviceBench):
 @needs_tf
 @needs_tflite
 def test_device_bench_exports_the_best_checkpoint_times_and_writes_the_report(tmp_path, capsys):
+    from lightning.pytorch.loggers import WandbLogger
+
     bench = DeviceBench(runs=5, passes=1, warmup_s=0.0, calib_images=32, thresholds=[0.5, 0.9])
-    trainer, module, ckpt = _fit_with(tmp_path, bench)
+    wandb_logger = WandbLogger(project="test", save_dir=str(tmp_path), offline=True)
+    trainer, module, ckpt = _fit_with(tmp_path, bench, logger=wandb_logger)
+    wandb_logger.experiment.finish()
     assert trainer.state.finished
     path = Path(ckpt.best_model_path).parent / "device_bench" / "device_bench.json"
     report = json.loads(path.read_text())
@@ -276,6 +283,14 @@ def test_device_bench_exports_the_best_checkpoint_times_and_writes_the_report(tm
             assert row["expected_latency_ms"] == pytest.approx(np.dot(row["exit_fractions"], lat))
     assert set(report["int8_vs_fp32"]["top1_agreement"]) == {f"exit{e}" for e in exits}
     assert "latency ms" in capsys.readouterr().out
+    # the same figures in W&B, with the table and the latency-vs-accuracy picture
+    (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = {k: v for row in history(run) for k, v in row.items() if k.startswith("device_bench")}
+    for r in report["exits"]:
+        key = f"device_bench/exit{r['exit']}_{r['precision']}"
+        assert json.loads(logged[f"{key}/latency_ms"]) == pytest.approx(r["latency_ms"])
+        assert json.loads(logged[f"{key}/accuracy"]) == pytest.approx(r["accuracy"])
+    assert "device_bench/exits/_type" in logged and "device_bench/latency_accuracy/_type" in logged
 
 
 def test_device_failure_keeps_the_checkpoint_and_ends_the_run_normally(tmp_path):
