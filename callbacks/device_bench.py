@@ -28,7 +28,8 @@ from lightning.pytorch.loggers import WandbLogger
 from callbacks.artifacts import artifact_dir
 from device_bench.export import PRECISIONS, export_tflite
 from device_bench.pipeline import format_report, measure
-from device_bench.runners import RUNNERS, BenchSettings, make_runner
+from device_bench.runners import BenchSettings, make_runner
+from lit_nas.cli import best_checkpoint
 from lit_nas.protocol import require_nas_module
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,6 @@ class DeviceBench(L.Callback):
         export_python: str | None = None,
         timeout_s: float = 3600.0,
     ) -> None:
-        if runner not in RUNNERS:
-            raise ValueError(f"unknown runner {runner!r}; valid choices: {list(RUNNERS)}")
         kwargs: dict[str, Any] = {"timeout_s": timeout_s}
         if runner == "ssh":
             kwargs["python"] = remote_python
@@ -120,17 +119,11 @@ class DeviceBench(L.Callback):
 
     # ----------------------------------------------------------------------------------------------------
     def _best_net(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Any, str | None]:
-        ckpt = trainer.checkpoint_callback
-        best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
-        score = getattr(ckpt, "best_model_score", None)
-        if (
-            best
-            and (score is None or bool(torch.isfinite(score)))
-            and hasattr(pl_module, "load_from_checkpoint")
-        ):
-            loaded = type(pl_module).load_from_checkpoint(best, map_location="cpu", weights_only=True)
-            return loaded.net, best
-        return pl_module.net, None
+        best = best_checkpoint(trainer, warn=False)  # the post-fit test warns about a missing best
+        if best is None or not hasattr(pl_module, "load_from_checkpoint"):
+            return pl_module.net, None
+        loaded = type(pl_module).load_from_checkpoint(best, map_location="cpu", weights_only=True)
+        return loaded.net, best
 
     def _images(self, dm: Any, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys, n = [], [], 0

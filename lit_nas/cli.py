@@ -127,19 +127,26 @@ class LitNASCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config)
         if not config.get("test_after_fit", True) or self.trainer.fast_dev_run or self.trainer.interrupted:
             return
-        ckpt = self.trainer.checkpoint_callback
-        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-        score = getattr(ckpt, "best_model_score", None)
-        if best and ckpt.monitor and (score is None or not bool(torch.isfinite(score))):
-            # every monitored value was NaN (a search never finished; ModelCheckpoint stores NaN as -inf):
-            # "best" would be an arbitrary checkpoint, perhaps of the network before the search; test the
-            # final weights instead
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best_checkpoint(self.trainer))
+
+
+def best_checkpoint(trainer: Trainer, warn: bool = True) -> str | None:
+    """The best checkpoint of the fit, or ``None`` when there is none worth using (use the final weights).
+
+    If every monitored value was NaN (a search never finished; ``ModelCheckpoint`` stores NaN as -inf),
+    "best" would be an arbitrary checkpoint, perhaps of the network before the search.
+    """
+    ckpt = trainer.checkpoint_callback
+    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    score = getattr(ckpt, "best_model_score", None)
+    if best and ckpt.monitor and (score is None or not bool(torch.isfinite(score))):
+        if warn:
             rank_zero_warn(
                 f"no checkpoint has a real {ckpt.monitor} (the architecture search did not finish): "
                 f"testing the final weights instead of {best}"
             )
-            best = None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+        return None
+    return best
 
 
 def main(argv: Sequence[str] | None = None) -> LitNASCLI:
