@@ -9,10 +9,11 @@ on the device for that layer type at that resolution over a grid of input/output
 - ``head_k<kernel>_<mixed|avg>_r<res>_n<classes>``: an exit head (pooling, linear) over ``cin`` channels;
 
 plus the fixed cost of one interpreter invocation (``overhead_ms``, measured on a trivial model and
-subtracted from every layer's measurement). Tables hold the mean over the timing passes and are smoothed with
-a 2-D Gaussian (``scipy.ndimage``) to remove the measurement spikes the thesis saw; between grid points the
-predictor interpolates bilinearly. Squeeze-and-Excitation and dense concatenation/pooling are not in the
-tables (the thesis's predictor also left additions out and still reached r > 0.99).
+subtracted from every layer's measurement). Tables hold the median (or mean) of each layer's timed runs over
+all passes and are smoothed with a 2-D Gaussian (``scipy.ndimage``) to remove the measurement spikes the
+thesis saw; between grid points the predictor interpolates bilinearly, and a scale fitted on a few whole
+networks (:func:`fit_scale`) turns the sum of layers into a network's latency. Squeeze-and-Excitation and
+dense concatenation/pooling are not in the tables.
 """
 
 from __future__ import annotations
