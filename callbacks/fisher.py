@@ -34,12 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from device_bench.lut import LatencyLUT, channel_latency
-from lit_nas.cost import CostReport, channel_flops
+from lit_nas.cost import CostReport, channel_flops, count_costs
 from lit_nas.gates import attach_gates, gated_groups
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, require_nas_module
 from lit_nas.pruning import FisherAccumulator, select_channels
-from lit_nas.surgery import collect_gated, collected_costs
+from lit_nas.surgery import collect_gated
 
 log = logging.getLogger(__name__)
 
@@ -242,15 +242,16 @@ class FisherPruning(Callback):
             for group, k in chosen:
                 gates[group][k] = 0.0
         self._acc.reset()
-        report = collected_costs(module.net)  # what the network is once collected
-        value = self._measure(module, report)
+        probe = self._collected(module)  # what the network is once collected: one copy for every figure
+        report = count_costs(probe)
+        value = self._measure(module, probe)
         self.history.append((trainer.global_step, [[g, k] for g, k in chosen], value))
         for key, v in (
             ("fisher/channels", self._live_channels(module)),
             ("fisher/params", report.total_params),
             ("fisher/mflops", _mflops(module, report)),
             ("fisher/pruned", sum(len(c) for _, c, _ in self.history)),
-            *([("fisher/latency_ms", self._latency(module))] if self.lut is not None else []),
+            *([("fisher/latency_ms", self.lut.predict(probe.spec))] if self.lut is not None else []),
         ):
             module.log(key, float(v), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
         if self.target is not None and value <= self.target:
@@ -272,21 +273,19 @@ class FisherPruning(Callback):
 
     @staticmethod
     def _collected(module: NASModule) -> Any:
+        """A copy of the network with its gated-off channels collected (the network itself is untouched)."""
         probe = copy.deepcopy(module.net)
         collect_gated(probe)
         return probe
 
-    def _latency(self, module: NASModule) -> float:
-        if self.lut is None:
-            raise RuntimeError(f"{_WHO} has no latency look-up tables")
-        return self.lut.predict(self._collected(module).spec)
-
-    def _measure(self, module: NASModule, report: CostReport | None = None) -> float:
+    def _measure(self, module: NASModule, probe: Any = None) -> float:
+        """``stop_at``'s value; ``probe``: the collected copy when the caller already has one."""
         if self.stop_at == "channels":
             return float(self._live_channels(module))
-        if self.stop_at == "latency":
-            return self._latency(module)
-        report = report or collected_costs(module.net)
+        probe = probe if probe is not None else self._collected(module)
+        if self.stop_at == "latency" and self.lut is not None:
+            return self.lut.predict(probe.spec)
+        report = count_costs(probe)
         return float(report.total_params) if self.stop_at == "params" else _mflops(module, report)
 
     def _fmt(self, value: float) -> str:
