@@ -60,7 +60,7 @@ class Model:
         if len(inputs) != 1:
             raise SystemExit(f"{path}: expected one input, got {sorted(inputs)}")
         (self.input,) = inputs.values()
-        self.outputs = {name: d for name, d in runner.get_output_details().items()}
+        self.outputs = dict(runner.get_output_details())
 
     def set_input(self, image: np.ndarray) -> None:
         """Set the input tensor (quantized when the model takes integers)."""

@@ -95,7 +95,9 @@ def measure(
     host = host or LocalRunner()
     no_timing = BenchSettings(passes=0, interpreter=settings.interpreter)
     test_x, test_y = nhwc(test[0]), test[1].numpy()
-    on_test = host.run(paths, no_timing, inputs=test_x).outputs
+    exit_models = [m for m in exported.models if m.model != "full"]
+    # accuracy is per exit model; the full models compute the same exits and only serve early exit (val)
+    on_test = host.run([m.path for m in exit_models], no_timing, inputs=test_x).outputs
     # the model computing every exit: "full", or the exit's own model in a single-exit network
     full = {
         p: max((m for m in exported.models if m.precision == p), key=lambda m: len(m.outputs)).name
@@ -106,7 +108,6 @@ def measure(
     ).outputs
 
     rows = []
-    exit_models = [m for m in exported.models if m.model != "full"]
     for m in exit_models:
         (out,) = m.outputs
         stats = timing.report["models"][m.name]
