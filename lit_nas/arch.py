@@ -178,6 +178,8 @@ class ArchSpec:
             prev = c.out
         if size < 1:
             raise ValueError(f"input_size {self.input_size} is too small for the strides of the cells")
+        if self.dense:
+            self._check_dense_pooling()
         if any(n < 1 for n in self.block_cells):
             raise ValueError(f"every block needs at least one cell; got block_cells={self.block_cells}")
         if sum(self.block_cells) != self.num_cells:
@@ -198,6 +200,21 @@ class ArchSpec:
                 f"block {self.active_blocks - 1} is the last active block but has no exit: "
                 "a partially active network needs an exit after its last active block"
             )
+
+    def _check_dense_pooling(self) -> None:
+        """Every earlier feature map must average-pool (kernel ``side // target``) to each cell's input."""
+        sizes = self.feature_sizes()
+        for i in range(self.num_cells):
+            target = sizes[i]
+            for j in range(i):
+                if sizes[j] // (sizes[j] // target) != target:
+                    raise ValueError(
+                        f"dense connections cannot run on {self.input_size}x{self.input_size} inputs: "
+                        f"feature {j} ({sizes[j]}x{sizes[j]}) does not average-pool to cell {i}'s input "
+                        f"side {target} "
+                        f"(feature sides {sizes}); use an input size that halves evenly at every stride-2 "
+                        "cell (e.g. 16, 28 or 32 for two), or dense: false"
+                    )
 
     def with_active_blocks(self, n: int) -> ArchSpec:
         """A copy of this spec with ``n`` active blocks (validated)."""

@@ -9,6 +9,8 @@ it reaches the device (``on_after_batch_transfer``), where they are cheap.
 from __future__ import annotations
 
 import gzip
+import math
+import pickle
 import struct
 from pathlib import Path
 
@@ -28,8 +30,24 @@ FASHION_FILES = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DataError(Exception):
+    """The data cannot be used; the message names the file or directory and what is wrong."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
     """A dataset is not on disk and could not be downloaded; the message says how to get it."""
+
+
+class DataFileError(DataError, ValueError):
+    """A data file is truncated, corrupt or inconsistent with its companion (images vs labels)."""
+
+
+def check_pairs(name: str, x: Tensor, y: Tensor, source: str) -> None:
+    """Raise :class:`DataFileError` unless ``x`` and ``y`` hold the same, nonzero number of samples."""
+    if len(x) != len(y):
+        raise DataFileError(f"{name}: {len(x)} images but {len(y)} labels ({source})")
+    if len(y) == 0:
+        raise DataFileError(f"{name}: no samples ({source})")
 
 
 # -- batch transforms (pure functions) ------------------------------------------------------------------
@@ -162,6 +180,7 @@ class ImageDataModule(L.LightningDataModule):
         self.mean: Tensor | None = None
         self.std: Tensor | None = None
         self._splits: dict[str, _InMemory] = {}
+        self._arrays: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # read by prepare_data
 
     SHAPE: DataShape
 
@@ -174,11 +193,27 @@ class ImageDataModule(L.LightningDataModule):
         """Return ``train_x, train_y, test_x, test_y``: uint8 ``(N, C, H, W)`` images and int64 labels."""
         raise NotImplementedError
 
+    def prepare_data(self) -> None:
+        """Find (or download) and read the data, so a missing or corrupt file fails before any run files.
+
+        Lightning calls this before the loggers create their run directories; the arrays are kept for
+        :meth:`setup` (other processes under DDP read them in ``setup``).
+        """
+        if not self._splits and self._arrays is None:
+            self._arrays = self._checked_arrays()
+
+    def _checked_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        train_x, train_y, test_x, test_y = self.load_arrays()
+        check_pairs(f"{type(self).__name__} training set", train_x, train_y, "load_arrays")
+        check_pairs(f"{type(self).__name__} test set", test_x, test_y, "load_arrays")
+        return train_x, train_y, test_x, test_y
+
     def setup(self, stage: str | None = None) -> None:
         """Load once, split train/val with a fixed seed, compute the normalisation statistics."""
         if self._splits:
             return
-        train_x, train_y, test_x, test_y = self.load_arrays()
+        arrays, self._arrays = self._arrays or self._checked_arrays(), None
+        train_x, train_y, test_x, test_y = arrays
         if self.val_size >= len(train_y):
             raise ValueError(
                 f"val_size={self.val_size} leaves no training data (training set: {len(train_y)})"
@@ -266,15 +301,37 @@ class ImageDataModule(L.LightningDataModule):
 
 # -- Fashion-MNIST ----------------------------------------------------------------------------------------
 def read_idx(path: Path) -> Tensor:
-    """Read an IDX file (MNIST format), gzipped or not, into a uint8 tensor."""
+    """Read an IDX file (MNIST format), gzipped or not, into a uint8 tensor.
+
+    Raises:
+        DataFileError: naming the file, when it is empty, truncated (also a truncated ``.gz``), not a uint8
+            IDX file, or longer than its header says.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, gzip.BadGzipFile) as err:  # a truncated or damaged .gz
+        raise DataFileError(
+            f"{path}: cannot be decompressed ({err or type(err).__name__}); the file is "
+            "truncated or corrupt: fetch it again"
+        ) from err
+    if len(data) < 4:
+        raise DataFileError(f"{path}: {len(data)} bytes, too short for an IDX header (empty or truncated)")
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file (magic {data[:4].hex()})")
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)
+    if zero != 0 or dtype != 0x08 or ndim == 0:
+        raise DataFileError(f"{path} is not a uint8 IDX file (magic {data[:4].hex()})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataFileError(f"{path}: header truncated ({len(data)} bytes, {header} needed for {ndim} dims)")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "longer than its header says"
+        raise DataFileError(
+            f"{path}: {what}: header dims {list(dims)} need {expected:,} bytes, the file has {len(data):,}"
+        )
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -301,21 +358,33 @@ class FashionMNISTDataModule(ImageDataModule):
 
     def __init__(self, root: str | None = None, download: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        if root and not download and not Path(root).is_dir():
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST root {root!r} is not a directory; give the directory holding the four IDX "
+                f"files, or leave root unset to use the system copy ({DEBIAN_FASHION_MNIST})"
+            )
         self.root = root
         self.download = download
 
     def _candidates(self) -> list[Path]:
-        dirs = []
+        # an explicit root is the only place looked in: falling back to another copy would hide a mistake
         if self.root:
-            dirs += [Path(self.root), Path(self.root) / "FashionMNIST" / "raw"]
-        dirs.append(DEBIAN_FASHION_MNIST)
-        return dirs
+            return [Path(self.root), Path(self.root) / "FashionMNIST" / "raw"]
+        return [DEBIAN_FASHION_MNIST]
 
     def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: D102
         for d in self._candidates():
             files = {k: _find_idx(d, stem) for k, stem in FASHION_FILES.items()}
             if all(files.values()):
                 t = {k: read_idx(p) for k, p in files.items()}  # type: ignore[arg-type]
+                for split in ("train", "test"):
+                    x, y = files[f"{split}_x"], files[f"{split}_y"]
+                    if t[f"{split}_x"].dim() != 3 or t[f"{split}_y"].dim() != 1:
+                        raise DataFileError(
+                            f"{x} / {y}: expected images (N, 28, 28) and labels (N,); got "
+                            f"{list(t[f'{split}_x'].shape)} and {list(t[f'{split}_y'].shape)}"
+                        )
+                    check_pairs(f"Fashion-MNIST {split} split", t[f"{split}_x"], t[f"{split}_y"], f"{x}, {y}")
                 return t["train_x"][:, None], t["train_y"].long(), t["test_x"][:, None], t["test_y"].long()
         if self.download and self.root:
             from torchvision.datasets import FashionMNIST
@@ -358,21 +427,48 @@ class CIFAR10DataModule(ImageDataModule):
     def load_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: D102
         from torchvision.datasets import CIFAR10
 
+        folder = Path(self.root) / CIFAR10.base_folder
+        present = all((folder / name).is_file() for name, _ in CIFAR10.train_list + CIFAR10.test_list)
         try:
-            tr = CIFAR10(self.root, train=True, download=self.download)
-            te = CIFAR10(self.root, train=False, download=self.download)
+            tr = CIFAR10(self.root, train=True, download=self.download and not present)
+            te = CIFAR10(self.root, train=False, download=False)
         except Exception as err:  # torchvision raises RuntimeError when missing, URLError etc. offline
+            if present:  # the files are there: one is corrupt (MD5, unpickling, sizes)
+                raise DataFileError(f"CIFAR-10 in {folder}: {_bad_cifar_file(folder)}") from err
+            reason = "not downloaded (download: false)" if not self.download else type(err).__name__
             raise DatasetNotFoundError(
-                f"CIFAR-10 not found in {self.root!r}/cifar-10-batches-py ({err}). Download the python "
-                "version (cifar-10-python.tar.gz) on a machine with internet, extract it under that root, "
-                "and pass --data.init_args.root DIR; or run with --data.init_args.download true when online."
-            ) from err
+                f"CIFAR-10 not found in {str(folder)!r} ({reason}; this machine may be offline). Extract "
+                "cifar-10-python.tar.gz under a root and pass --data.init_args.root DIR, or train on the "
+                "Fashion-MNIST twin of the config (NAME_fast.yaml), or override the data with --data "
+                "lit_nas.data.FashionMNISTDataModule --data.root null --data.download false."
+            ) from None
 
         def to_tensor(ds: CIFAR10) -> tuple[Tensor, Tensor]:
             x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, uint8
             return x, torch.as_tensor(ds.targets, dtype=torch.long)
 
-        return (*to_tensor(tr), *to_tensor(te))
+        arrays = (*to_tensor(tr), *to_tensor(te))
+        if len(arrays[0]) != len(arrays[1]) or len(arrays[2]) != len(arrays[3]):
+            raise DataFileError(f"CIFAR-10 in {folder}: {_bad_cifar_file(folder)}")
+        return arrays
+
+
+def _bad_cifar_file(folder: Path) -> str:
+    """Which CIFAR-10 batch file is unreadable or inconsistent, and how."""
+    from torchvision.datasets import CIFAR10
+
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            images, labels = entry["data"], entry.get("labels", entry.get("fine_labels"))
+        except Exception as err:
+            return f"{path} is corrupt or truncated ({type(err).__name__}: {err}); extract it again"
+        if labels is None or len(images) != len(labels) or images.size != len(labels) * 3 * 32 * 32:
+            count = None if labels is None else len(labels)
+            return f"{path}: {images.size} values for {count} labels (expected 3072 per image)"
+    return "the batch files fail torchvision's integrity (MD5) check; extract cifar-10-python.tar.gz again"
 
 
 # -- synthetic ----------------------------------------------------------------------------------------------
@@ -387,7 +483,9 @@ class SyntheticDataModule(ImageDataModule):
         num_classes: classes.
         noise: standard deviation of the per-pixel noise, in uint8 units.
         data_seed: seed of the templates and noise (the images themselves).
-        **kwargs: see :class:`ImageDataModule` (here ``val_size`` defaults to 10%, ``augment`` to off).
+        val_size: images held out for validation; ``None``: 10% of ``num_train``.
+        augment: random crop and flip (off: shifted random templates would be unlearnable).
+        **kwargs: see :class:`ImageDataModule`.
     """
 
     def __init__(
@@ -399,11 +497,13 @@ class SyntheticDataModule(ImageDataModule):
         num_classes: int = 10,
         noise: float = 40.0,
         data_seed: int = 0,
+        val_size: int | None = None,
+        augment: bool = False,
         **kwargs,
     ) -> None:
-        kwargs.setdefault("val_size", num_train // 10)
-        kwargs.setdefault("augment", False)  # shifted random templates would be unlearnable
-        super().__init__(**kwargs)
+        # explicit parameters, not kwargs.setdefault: the CLI only sees defaults in the signature
+        val = num_train // 10 if val_size is None else val_size
+        super().__init__(val_size=val, augment=augment, **kwargs)
         self.num_train, self.num_test, self.noise, self.data_seed = num_train, num_test, noise, data_seed
         self._shape = DataShape(in_channels, input_size, num_classes)
 

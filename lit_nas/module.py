@@ -34,11 +34,12 @@ from lit_nas.masks import (
     mask_optimizer_state,
     masked_pairs,
 )
-from lit_nas.nets import build_net
+from lit_nas.nets import build_net, check_runs
 from lit_nas.nets.base import ChannelGroup, ExitLogits, MultiExitNet
 from lit_nas.objectives import ExitLossConfig, exit_weights, multi_exit_loss
 from lit_nas.optim import LRScheduleConfig, OptimizerConfig
 from lit_nas.protocol import LossTerm
+from lit_nas.runs import NonFiniteError, describe, first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class MultiExitModule(L.LightningModule):
         else:
             spec = net.build_spec(data_shape)
         self.exit_loss.check(spec.num_blocks)
+        check_runs(spec)
         # Plain data only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -191,6 +193,11 @@ class MultiExitModule(L.LightningModule):
         else:
             self._search_pending.discard(who)
 
+    def pending_searches(self) -> frozenset[str]:
+        """Callbacks that will still change the architecture (growing counts while blocks are inactive)."""
+        grow = {"Growing"} if self.active_blocks < self.arch_spec.num_blocks else set()
+        return frozenset(self._search_pending | grow)
+
     def add_loss_term(self, name: str, fn: LossTerm) -> None:
         """Add ``fn(images, targets, outputs)`` to the training loss; logged as ``name``."""
         if name in self._loss_terms:
@@ -273,7 +280,9 @@ class MultiExitModule(L.LightningModule):
         }
         self.metrics = nn.ModuleDict(metrics).to(self.device)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, ExitLogits]:
+    def _shared_step(
+        self, batch: tuple[Tensor, Tensor], stage: str
+    ) -> tuple[Tensor, ExitLogits, dict[int, Tensor]]:
         x, y = batch
         out = self(x)
         loss, per_exit = multi_exit_loss(out, y, self.exit_weights())
@@ -283,7 +292,7 @@ class MultiExitModule(L.LightningModule):
             self.metrics[f"{stage}_acc{e}"].update(logits.detach(), y)
             self.metrics[f"{stage}_loss{e}"].update(per_exit[e].detach(), weight=len(y))
         self.metrics[f"{stage}_loss"].update(loss.detach(), weight=len(y))
-        return loss, out
+        return loss, out, per_exit
 
     def _log_epoch(self, stage: str) -> None:
         """Log the epoch's per-exit accuracy and loss, the total loss and the deepest exit's accuracy."""
@@ -316,13 +325,30 @@ class MultiExitModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Weighted exit losses plus every registered loss term."""
-        loss, out = self._shared_step(batch, "train")
+        loss, out, per_exit = self._shared_step(batch, "train")
         self.log("train/loss", loss.detach(), prog_bar=True)  # the one per-step log: a step-level curve
+        terms = {f"exit {e} cross-entropy": v for e, v in per_exit.items()}
         for name, term in self._loss_terms.items():
             value = term(batch[0], batch[1], out)
             self.log(name, value.detach(), on_step=True, on_epoch=True)
+            terms[name] = value
             loss = loss + value
+        if not bool(torch.isfinite(loss)):  # one host sync per step; training on NaN is worth nothing
+            self._non_finite_loss(terms, batch_idx)
         return loss
+
+    def _non_finite_loss(self, terms: dict[str, Tensor], batch_idx: int) -> None:
+        bad = {k: float(v) for k, v in terms.items() if not bool(torch.isfinite(v))}
+        lrs = sorted({g["lr"] for opt in self.trainer.optimizers for g in opt.param_groups})
+        raise NonFiniteError(
+            f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"{batch_idx}): "
+            + ", ".join(f"{k} = {describe(v)}" for k, v in bad.items())
+            + (" (the weights themselves are non-finite)" if not bad else "")
+            + f"; learning rate {lrs[0] if len(lrs) == 1 else lrs}. Training stopped; no checkpoint was "
+            "written from this state, so the last good one (checkpoints/last.ckpt) is intact. Lower the "
+            "learning rate (or the term's weight) in a new run: a resume keeps the checkpoint's settings."
+        )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Per-exit loss and accuracy on the validation split."""
@@ -334,7 +360,7 @@ class MultiExitModule(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Per-exit metrics, plus each sample's confidence and correctness at every exit."""
-        _, out = self._shared_step(batch, "test")
+        _, out, _ = self._shared_step(batch, "test")
         probs = torch.stack([lg.softmax(dim=1) for lg in out.logits], dim=1)  # (B, E, classes)
         conf, pred = probs.max(dim=2)
         self._test_records.append((conf, pred == batch[1][:, None]))
@@ -407,7 +433,19 @@ class MultiExitModule(L.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the architecture next to the weights."""
+        """Store the architecture next to the weights; refuse to write non-finite weights.
+
+        Raising here aborts the save before any file is written, whoever saves (``ModelCheckpoint``,
+        ``LastCheckpoint``, ``trainer.save_checkpoint``), so every checkpoint on disk holds finite weights.
+        """
+        bad = first_non_finite(checkpoint.get("state_dict", {}))
+        if bad is not None:
+            raise NonFiniteError(
+                f"refusing to write a checkpoint at global step {self.global_step} (epoch "
+                f"{self.current_epoch}): weight {bad} is not finite. The training diverged; the last good "
+                "checkpoint (checkpoints/last.ckpt) is intact. Lower the learning rate in a new run: a "
+                "resume keeps the checkpoint's settings."
+            )
         checkpoint[ARCH_KEY] = self.arch_spec.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

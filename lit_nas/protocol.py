@@ -71,6 +71,10 @@ class NASModule(Protocol):
         """Whether callback ``who`` will still change the architecture (model selection waits for it)."""
         ...
 
+    def pending_searches(self) -> frozenset[str]:
+        """Names of the callbacks that will still change the architecture."""
+        ...
+
     def add_loss_term(self, name: str, fn: LossTerm) -> None:
         """Add ``fn``'s value to the training loss (logged under ``name``)."""
         ...
@@ -93,6 +97,7 @@ _MEMBERS = (
     "masks",
     "set_masks",
     "set_search_pending",
+    "pending_searches",
     "add_loss_term",
     "remove_loss_term",
 )

@@ -28,6 +28,32 @@ def soft_threshold(theta: Tensor, t: float) -> Tensor:
     return torch.sign(theta) * (theta.abs() - t).clamp_min(0)
 
 
+def keep_one_alive(theta: Tensor, before: Tensor, dead: Tensor) -> Tensor:
+    """Never let a group lose its last live switch: the guard of every update and killing rule.
+
+    If ``dead`` covers every switch, the one that was strongest before this step (``before``: the values
+    before the update, the soft-threshold and the killing) survives, with its value from before the step if
+    the update had already zeroed it. ``theta`` is changed in place.
+
+    Args:
+        theta: the group's switches after the update.
+        before: the same switches before it.
+        dead: switches about to be killed.
+
+    Returns:
+        ``dead`` without the survivor.
+    """
+    if not bool(dead.all()):
+        return dead
+    strength = before.abs()
+    i = int(strength.argmax())
+    dead = dead.clone()
+    dead[i] = False
+    if theta[i] == 0:
+        theta[i] = before[i]
+    return dead
+
+
 def threshold_kills(theta: Tensor, tau: float) -> Tensor:
     """Kill switches with ``|θ| < τ`` (deep-compression style; scale dependent)."""
     return theta.abs() < tau

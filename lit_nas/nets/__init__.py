@@ -27,6 +27,25 @@ def build_net(spec) -> MultiExitNet:
     return NETWORKS[spec.kind](spec)
 
 
+def check_runs(spec) -> None:
+    """Run the complete network once on a shape-only (meta) input; ``ValueError`` if it cannot run.
+
+    ``ArchSpec.validate`` checks the recipe's rules; this catches any shape that still fails in forward
+    (a pooling that does not fit, say) when the network is built, not in the first training step.
+    """
+    import torch
+
+    full = spec.with_active_blocks(spec.num_blocks)
+    try:
+        with torch.device("meta"):
+            build_net(full).eval()(torch.empty(2, spec.in_channels, spec.input_size, spec.input_size))
+    except RuntimeError as err:
+        raise ValueError(
+            f"the {spec.kind} network cannot run on {spec.in_channels}x{spec.input_size}x{spec.input_size} "
+            f"inputs: {err}"
+        ) from err
+
+
 __all__ = [
     "NETWORKS",
     "ChannelGroup",
@@ -36,4 +55,5 @@ __all__ = [
     "ExitLogits",
     "MultiExitNet",
     "build_net",
+    "check_runs",
 ]
