@@ -10,16 +10,35 @@ from callbacks.distillation import Distillation
 from callbacks.fisher import FisherPruning
 from callbacks.garbage_collection import GarbageCollection
 from callbacks.growing import Growing
+from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.publish import PublishBest
 from callbacks.retrain import RetrainFromScratch
 from callbacks.snip import SnipPruning
 from callbacks.switch_l1 import SwitchL1
 
+#: The command-line key of every lit_nas callback, in the order they run: ``--snip.keep_ratio 0.5`` tunes
+#: one, ``--device_bench null`` switches it off, ``--snip '{keep_ratio: 0.5}'`` switches it on.
+NAMED_CALLBACKS = {
+    "growing": Growing,
+    "snip": SnipPruning,
+    "fisher": FisherPruning,
+    "switch_l1": SwitchL1,
+    "gc": GarbageCollection,
+    "retrain": RetrainFromScratch,
+    "distillation": Distillation,
+    "device_bench": DeviceBench,
+    "publish": PublishBest,
+}
+
 __all__ = [
+    "NAMED_CALLBACKS",
     "DeviceBench",
     "Distillation",
     "FisherPruning",
     "GarbageCollection",
     "Growing",
+    "LastCheckpoint",
+    "PublishBest",
     "RetrainFromScratch",
     "SnipPruning",
     "SwitchL1",

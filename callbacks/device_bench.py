@@ -28,9 +28,9 @@ from lightning.pytorch.loggers import WandbLogger
 from callbacks.artifacts import artifact_dir
 from device_bench.export import PRECISIONS, export_tflite
 from device_bench.pipeline import format_report, measure
-from device_bench.runners import BenchSettings, make_runner
-from lit_nas.cli import best_checkpoint
+from device_bench.runners import BenchSettings, DeviceError, make_runner
 from lit_nas.protocol import require_nas_module
+from lit_nas.runs import best_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class DeviceBench(L.Callback):
         thresholds: early-exit thresholds (``None``: the model's ``thresholds``).
         export_python: Python with TensorFlow (default ``$LIT_NAS_EXPORT_PYTHON`` or ``.venv-export``).
         timeout_s: limit of the device run.
+        check_runner: at fit start, probe the device once (it answers, with numpy and the interpreter), so
+            an unreachable Pi fails the run before training rather than after it.
     """
 
     def __init__(
@@ -75,8 +77,11 @@ class DeviceBench(L.Callback):
         thresholds: list[float] | None = None,
         export_python: str | None = None,
         timeout_s: float = 3600.0,
+        check_runner: bool = True,
     ) -> None:
         kwargs: dict[str, Any] = {"timeout_s": timeout_s}
+        self.check_runner = check_runner
+        self.device_machine: str | None = None  # what the probe at fit start reported
         if runner == "ssh":
             kwargs["python"] = remote_python
         self.runner = make_runner(runner, host=host, ssh_config=ssh_config, **kwargs)
@@ -116,6 +121,15 @@ class DeviceBench(L.Callback):
                 "DeviceBench needs a lit_nas ImageDataModule (calibration, validation and test images); got "
                 f"{type(dm).__name__}"
             )
+        if stage == "fit" and self.check_runner and trainer.is_global_zero and not trainer.fast_dev_run:
+            # one short probe now rather than a failure after hours of training and the export
+            try:
+                self.device_machine = self.runner.probe(self.settings.interpreter)
+            except DeviceError as err:
+                raise DeviceError(
+                    f"DeviceBench: the device is not usable, checked before training: {err}. Fix the runner "
+                    "settings, or switch the benchmark off for this run with --device_bench null"
+                ) from err
 
     # ----------------------------------------------------------------------------------------------------
     def _best_net(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Any, str | None]:

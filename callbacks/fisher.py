@@ -157,6 +157,10 @@ class FisherPruning(Callback):
             # then has the same parameter groups either way (the gates are frozen, in the no-decay group)
             attach_gates(module.net, self.groups(module))
 
+    def last_search_epoch(self) -> None:
+        """Unknown in advance: pruning goes on until the target is met."""
+        return None
+
     def groups(self, module: NASModule) -> list[str]:
         """Names of the channel groups this callback prunes."""
         names = [g.name for g in module.channel_groups()]

@@ -85,6 +85,14 @@ class Growing(Callback):
             self.history = []
         module.set_active_blocks(1 + len(self.history))
 
+    def activation_epochs(self) -> list[int]:
+        """Epoch at which each block activates (block 0 at epoch 0): what pruning schedules plan against."""
+        return [0, *self.grow_epochs]
+
+    def last_search_epoch(self) -> int:
+        """The last epoch at which this callback changes the network."""
+        return self.grow_epochs[-1] if self.grow_epochs else 0
+
     # -- growth -----------------------------------------------------------------------------------------
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lit_nas.gates import gated_groups
@@ -46,8 +47,14 @@ class RetrainFromScratch(Callback):
       schedule counts epochs from the restart: give ``max_epochs = epoch + the retraining's length``).
 
     ``val/acc_full`` is NaN before the restart (the best checkpoint is a retrained network). Logs
-    ``retrain/started_epoch`` at the restart. Schedule it after the search callbacks have finished; those
-    still running would go on changing the retrained network.
+    ``retrain/started_epoch`` at the restart.
+
+    The restart must come after every search has finished, or the searches would go on changing the
+    retrained network. At fit start, a search whose schedule still changes the network at or after
+    ``epoch`` (growing, SNIP's planned events, SwitchL1's ``until_epoch``) is refused. A search whose end
+    depends on training (Fisher pruning until its target) cannot be checked in advance: if it is still
+    running at ``epoch``, the restart **waits** (with a warning) and happens at the start of the first epoch
+    after it has finished, so the retraining is shorter than planned by the epochs waited.
 
     Rewinding across a garbage collection is refused: the saved weights no longer fit the layers.
 
@@ -79,6 +86,7 @@ class RetrainFromScratch(Callback):
         self.rewind_epoch = rewind_epoch
         self.seed = seed
         self.restarted = False
+        self._waiting = False  # warned that the restart waits for a search
         self.rewind_state: dict[str, torch.Tensor] | None = None  # the network's weights at rewind_epoch
 
     @override
@@ -92,7 +100,26 @@ class RetrainFromScratch(Callback):
                 f"RetrainFromScratch epoch {self.epoch} is not before max_epochs={trainer.max_epochs}: it "
                 "would never restart"
             )
+        if not self.restarted:
+            self._check_schedules(trainer)
         pl_module.set_search_pending(_WHO, not self.restarted)  # type: ignore[attr-defined]
+
+    def _check_schedules(self, trainer: L.Trainer) -> None:
+        late = {}
+        for cb in trainer.callbacks:
+            last = getattr(cb, "last_search_epoch", None)
+            end = last() if callable(last) else None
+            if end is not None and end >= self.epoch:
+                late[type(cb).__name__] = end
+        if late:
+            ends = ", ".join(
+                f"{name} until {'the end (no until_epoch)' if end == float('inf') else f'epoch {int(end)}'}"
+                for name, end in late.items()
+            )
+            raise ValueError(
+                f"{_WHO} epoch {self.epoch} restarts while a search still changes the network ({ends}); "
+                "restart after the last search epoch, or end the searches earlier"
+            )
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,8 +127,25 @@ class RetrainFromScratch(Callback):
         epoch = trainer.current_epoch
         if self.init == "rewind" and epoch == self.rewind_epoch and self.rewind_state is None:
             self.rewind_state = {k: v.detach().cpu().clone() for k, v in _weights(module).items()}
-        if epoch == self.epoch and not self.restarted:
-            self._restart(trainer, module)
+        if epoch >= self.epoch and not self.restarted:
+            pending = sorted(module.pending_searches() - {_WHO})
+            if not pending:
+                self._restart(trainer, module)
+            elif not self._waiting:
+                self._waiting = True
+                rank_zero_warn(
+                    f"{_WHO}: epoch {epoch} reached but {pending} still searching; the restart waits until "
+                    "they finish (the retraining gets the epochs that remain)"
+                )
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.restarted and not trainer.fast_dev_run:
+            rank_zero_warn(
+                f"{_WHO}: training never restarted: the searches "
+                f"{sorted(pl_module.pending_searches() - {_WHO})} did not finish before the end "  # type: ignore[attr-defined]
+                "(the network tested is the searched one, not a retrained one)"
+            )
 
     def _restart(self, trainer: L.Trainer, module: NASModule) -> None:
         masks = module.masks()

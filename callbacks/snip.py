@@ -170,6 +170,7 @@ class SnipPruning(Callback):
         self._checked_epoch = -1
         self._restored = False
         self.found_paths: tuple[Path, Path | None] | None = None
+        self._planned_last: int | None = None  # last pruning epoch of the planned schedule
 
     @property
     def steps(self) -> int:
@@ -217,6 +218,31 @@ class SnipPruning(Callback):
         empty = [b for b, ws in module.prunable_weights(self.include_exits).items() if not ws]
         if empty:
             raise ValueError(f"SnipPruning: blocks {empty} have no conv or linear weights to prune")
+        self._check_plan(trainer, n, max_epochs)
+
+    def _check_plan(self, trainer: L.Trainer, num_blocks: int, max_epochs: int | None) -> None:
+        """Refuse a schedule that cannot prune every block to its ratio within the run (before training)."""
+        growers = [cb for cb in trainer.callbacks if callable(getattr(cb, "activation_epochs", None))]
+        activation = growers[0].activation_epochs() if growers else [0] * num_blocks
+        if max_epochs is None or max_epochs <= 0 or len(activation) != num_blocks:
+            self._planned_last = None  # unbounded run, or Growing reports the mismatch itself
+            return
+        events = self.plan.plan(activation, max_epochs)
+        done = {b: sum(b in blocks for _, blocks in events) for b in range(num_blocks)}
+        short = {b: k for b, k in done.items() if k < self.steps}
+        if short:
+            raise ValueError(
+                f"SnipPruning can never finish: within max_epochs={max_epochs}, blocks "
+                f"{sorted(short)} would be pruned {[short[b] for b in sorted(short)]} of {self.steps} times "
+                f"(blocks activate at epochs {activation}; a block is pruned at events >= "
+                f"{self.plan.after_epochs} epochs after it activates; events planned: "
+                f"{[e for e, _ in events]}). Add later prune_epochs, lower after_epochs or train longer."
+            )
+        self._planned_last = events[-1][0] if events else None
+
+    def last_search_epoch(self) -> int | None:
+        """The last epoch at which this callback prunes (known once ``setup`` planned the schedule)."""
+        return self._planned_last
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

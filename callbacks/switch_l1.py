@@ -35,6 +35,7 @@ from lit_nas.switches import (
     KILL_STRATEGIES,
     UPDATES,
     SignWindow,
+    keep_one_alive,
     sign_change_kills,
     sign_variance_kills,
     soft_threshold,
@@ -153,6 +154,10 @@ class SwitchL1(Callback):
         if not self.initial_sizes:
             self.initial_sizes = {g: p.numel() for g, p in switches.items()}
 
+    def last_search_epoch(self) -> float:
+        """The last epoch at which the switches change the widths (infinite without ``until_epoch``)."""
+        return float("inf") if self.until_epoch is None else self.until_epoch - 1
+
     def _switches(self, module: NASModule) -> dict[str, nn.Parameter]:
         gates = gated_groups(module.net)
         return {g: gates[g] for g in self._names if g in gates}
@@ -231,6 +236,7 @@ class SwitchL1(Callback):
     def _step(self, name: str, theta: nn.Parameter, optimizers: list[torch.optim.Optimizer]) -> None:
         self._follow_collection(name, theta)
         was_dead = theta == 0
+        before = theta.detach().clone()
         if self.update == "proximal":
             theta.copy_(soft_threshold(theta, self._groups[name]["lr"] * self.lam))
         theta[was_dead] = 0  # frozen, whatever momentum did
@@ -243,9 +249,7 @@ class SwitchL1(Callback):
             window.signs = window.signs.to(theta.device)  # restored from a checkpoint on the CPU
             window.push(theta)
             new = sign_variance_kills(window, self.gamma)
-        dead = was_dead | (theta == 0) | new
-        if bool(dead.all()):  # never 0 channels: the strongest switch survives
-            dead[theta.abs().argmax()] = False
+        dead = keep_one_alive(theta, before, was_dead | (theta == 0) | new)  # never 0 channels
         theta[dead] = 0
         fresh = dead & ~was_dead
         if bool(fresh.any()):

@@ -40,7 +40,7 @@ def spec_from_args(args: argparse.Namespace) -> ArchSpec:
         return ArchSpec.load(args.arch)
     if args.ckpt:
         return MultiExitModule.spec_from_checkpoint(args.ckpt)
-    from lit_nas.cli import resolve_config_args
+    from lit_nas_cli import resolve_config_args
 
     path = resolve_config_args(["--config", args.config])[1]
     config = yaml.safe_load(Path(path).read_text())

@@ -145,6 +145,33 @@ class Runner:
         """One line naming the device, for logs."""
         return self.kind
 
+    def probe(self, interpreter: str = "tflite_runtime", timeout_s: float = 60.0) -> str:
+        """One short check that the device answers and has numpy and ``interpreter``; its machine name.
+
+        Raises:
+            DeviceError: the device cannot be reached, or lacks what the timing script needs.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def _probe_code(interpreter: str) -> str:
+        module = {"tensorflow": "tensorflow"}.get(interpreter, f"{interpreter}.interpreter")
+        return (
+            f"import importlib, platform, numpy; importlib.import_module({module!r}); "
+            "print(platform.machine())"
+        )
+
+    def _probe(self, cmd: list[str], timeout_s: float) -> str:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise DeviceError(f"{self.describe()}: no answer to the probe ({err})") from err
+        if proc.returncode != 0:
+            raise DeviceError(
+                f"{self.describe()}: probe failed (exit {proc.returncode}): {proc.stderr.strip()[-1000:]}"
+            )
+        return proc.stdout.strip()
+
 
 class LocalRunner(Runner):
     """Runs the script on this machine in its own process.
@@ -159,6 +186,9 @@ class LocalRunner(Runner):
     def __init__(self, python: str | None = None, timeout_s: float = 3600.0) -> None:
         self.python = python or sys.executable
         self.timeout_s = timeout_s
+
+    def probe(self, interpreter: str = "tflite_runtime", timeout_s: float = 60.0) -> str:  # noqa: D102
+        return self._probe([self.python, "-c", self._probe_code(interpreter)], timeout_s)
 
     def run(  # noqa: D102
         self, models: Sequence[str | Path], settings: BenchSettings, inputs: np.ndarray | None = None
@@ -234,6 +264,10 @@ class SSHRunner(Runner):
         if self.port is not None:
             cmd += ["-p", str(self.port)]
         return [*cmd, "--", self.destination, remote]
+
+    def probe(self, interpreter: str = "tflite_runtime", timeout_s: float = 60.0) -> str:  # noqa: D102
+        remote = f"{shlex.quote(self.python)} -c {shlex.quote(self._probe_code(interpreter))}"
+        return self._probe(self.ssh_command(remote), timeout_s + self.connect_timeout_s)
 
     def run(  # noqa: D102
         self, models: Sequence[str | Path], settings: BenchSettings, inputs: np.ndarray | None = None

@@ -19,9 +19,18 @@ MIRROR="${PI_MIRROR:-http://deb.debian.org/debian}"
 TFLITE_WHEEL_VERSION=2.14.0
 
 skip() { echo "emulated Pi unavailable: $*" >&2; exit 3; }
+# sshd writes its PID here (inside the chroot): --stop kills exactly that process, nobody else's sshd.
+PIDFILE="$ROOT/run/lit_nas_sshd.pid"
 if [ "$STOP" = 1 ]; then
-  pkill -f "/usr/sbin/sshd -p $PORT -o ListenAddress=127.0.0.1" || true
-  mountpoint -q "$ROOT/proc" && umount "$ROOT/proc"
+  if [ -s "$PIDFILE" ]; then
+    pid=$(cat "$PIDFILE")
+    # only if that PID is still an sshd (a stale file may name a reused PID)
+    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q sshd; then
+      kill "$pid" 2>/dev/null || true
+    fi
+    rm -f "$PIDFILE"
+  fi
+  if mountpoint -q "$ROOT/proc"; then umount "$ROOT/proc"; fi
   exit 0
 fi
 [ "$(id -u)" = 0 ] || skip "needs root (debootstrap, chroot, bind mounts)"
@@ -94,7 +103,8 @@ CFG
 if ! ssh -F "$DIR/ssh_config" lit-nas-pi true 2>/dev/null; then
   # Only the loopback address: the emulated device must never be reachable from outside.
   chroot "$ROOT" /usr/sbin/sshd -p "$PORT" -o ListenAddress=127.0.0.1 -o PermitRootLogin=prohibit-password \
-    -o PasswordAuthentication=no -o UsePAM=no -o UseDNS=no -E /var/log/sshd.log
+    -o PasswordAuthentication=no -o UsePAM=no -o UseDNS=no -o PidFile=/run/lit_nas_sshd.pid \
+    -E /var/log/sshd.log
   for _ in $(seq 60); do
     ssh -F "$DIR/ssh_config" lit-nas-pi true 2>/dev/null && break
     sleep 1

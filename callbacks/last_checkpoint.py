@@ -1,0 +1,83 @@
+"""``LastCheckpoint``: a resumable ``last.ckpt`` at the end of every epoch, whatever the monitored value does.
+
+Lightning 2.6's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only in an epoch where it also
+saves a top-k checkpoint, so with a monitor that stays NaN for the whole search (``val/acc_full``) the file
+stays at epoch 0. This callback owns ``last.ckpt`` instead: it is written every epoch through a temporary
+file and a rename (a crash mid-write leaves the previous one), and also when the run is stopped by
+SIGTERM or Ctrl-C. A checkpoint with non-finite weights is never written
+(``MultiExitModule.on_save_checkpoint`` refuses it), so a diverging run keeps its last good one.
+
+The CLI adds it to every run (``runs/<name>/checkpoints/last.ckpt``); ``--ckpt_path last`` resumes it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from lit_nas.runs import LAST, RunFailure, replace_atomically
+
+
+class LastCheckpoint(Callback):
+    """Write ``dirpath/last.ckpt`` at the end of every training epoch and when the run is interrupted.
+
+    Args:
+        dirpath: directory of the file (created on first write).
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self.path = self.dirpath / LAST
+        #: epoch of the last write (``None`` before the first)
+        self.saved_epoch: int | None = None
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write the checkpoint (every rank calls it; rank 0 writes and renames)."""
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        tmp = self.dirpath / f".{LAST}.tmp-{os.getpid()}"
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)
+        except BaseException:
+            if trainer.is_global_zero and tmp.exists():
+                tmp.unlink()
+            raise
+        if trainer.is_global_zero:
+            replace_atomically(tmp, self.path)
+        trainer.strategy.barrier("last_checkpoint")
+        self.saved_epoch = trainer.current_epoch
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        self.save(trainer)
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # a scheduler's SIGTERM or Ctrl-C: keep the progress since the last epoch end; any other failure
+        # (a NaN, a bug) leaves the last good checkpoint as it is
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.fast_dev_run:
+            return
+        try:
+            self.save(trainer)
+        except RunFailure:
+            pass  # non-finite weights: the previous last.ckpt stays
+        else:
+            print(f"\nLastCheckpoint: run interrupted; resumable checkpoint written to {self.path}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved_epoch": self.saved_epoch}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved_epoch = state_dict.get("saved_epoch")
