@@ -1,7 +1,7 @@
 """Grown vs static SDN on the same recipe and the same number of epochs (Inria thesis, section 3).
 
 Trains ``configs/growing_fast.yaml`` (Fashion-MNIST, blocks activate at epochs 2/3/4) and then the very same
-config with the ``Growing`` callback removed (every block trains from epoch 0), each through ``train.py``'s
+config with ``--growing null`` (every block trains from epoch 0), each through ``train.py``'s
 CLI in this process, tests each run's best checkpoint (chosen on val/acc) and prints per-exit test
 accuracies, early-exit figures and wall times side by side. About 35 minutes on 2 CPU cores.
 
@@ -13,7 +13,6 @@ Extra arguments go to both runs, e.g. ``--trainer.limit_train_batches 5`` for a 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,23 +21,20 @@ import lit_nas  # noqa: F401  isort: skip  (first: torchvision compat)
 import wandb
 import yaml
 
-from lit_nas.cli import main as train_main
-from lit_nas.cli import resolve_config_args
 from lit_nas.module import MultiExitModule
+from lit_nas_cli import main as train_main
+from lit_nas_cli import resolve_config_args
 
 
-def without_growing(config: dict[str, Any]) -> dict[str, Any]:
-    """The same config with the ``Growing`` callback removed and the run renamed."""
-    out = yaml.safe_load(yaml.safe_dump(config))
-    callbacks = out["trainer"].get("callbacks", [])
-    kept = [c for c in callbacks if not str(c.get("class_path", "")).endswith("Growing")]
-    if len(kept) == len(callbacks):
-        raise ValueError("the config has no callbacks.Growing entry to remove")
-    out["trainer"]["callbacks"] = kept
-    logger = out["trainer"].get("logger")
+def static_args(config: dict[str, Any], name: str) -> list[str]:
+    """Command-line overrides that make the same config static: growing switched off, the run renamed."""
+    if not config.get("growing"):
+        raise ValueError("the config has no growing callback to switch off")
+    args = ["--growing", "null", "--run_dir", f"runs/{name}_static"]
+    logger = config.get("trainer", {}).get("logger")
     if isinstance(logger, dict) and "name" in logger.get("init_args", {}):
-        logger["init_args"]["name"] = f"{logger['init_args']['name']}_static"
-    return out
+        args += ["--trainer.logger.init_args.name", f"{logger['init_args']['name']}_static"]
+    return args
 
 
 def run(config_path: Path, extra: list[str]) -> dict[str, Any]:
@@ -62,10 +58,10 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     grown_path = Path(resolve_config_args(["--config", args.config])[1])
     config = yaml.safe_load(grown_path.read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        static_path = Path(tmp) / "static.yaml"
-        static_path.write_text(yaml.safe_dump(without_growing(config), sort_keys=False))
-        results = {"grown": run(grown_path, extra), "static": run(static_path, extra)}
+    results = {
+        "grown": run(grown_path, extra),
+        "static": run(grown_path, [*extra, *static_args(config, grown_path.stem)]),
+    }
 
     exits = sorted(
         {int(k.rsplit("exit", 1)[1]) for r in results.values() for k in r["metrics"] if "/acc_exit" in k}
