@@ -2,13 +2,10 @@
 
 Example (YAML)::
 
-    trainer:
-      callbacks:
-        - class_path: callbacks.Distillation
-          init_args:
-            teacher: runs/teacher/checkpoints/last.ckpt
-            lam: 0.2
-            temperature: 2.0
+    distillation:
+      teacher: runs/teacher/checkpoints/last.ckpt
+      lam: 0.2
+      temperature: 2.0
 """
 
 from __future__ import annotations

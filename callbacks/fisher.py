@@ -6,17 +6,13 @@ Theis et al. 2018, as used by Crowley et al. 2018 and the Liège thesis (section
 
 Example (YAML)::
 
-    trainer:
-      callbacks:
-        - class_path: callbacks.FisherPruning
-          init_args:
-            every_n_steps: 100
-            cost: flops
-            stop_at: flops
-            target_fraction: 0.5
-        - class_path: callbacks.GarbageCollection
-          init_args:
-            after_prune: true
+    fisher:
+      every_n_steps: 100
+      cost: flops
+      stop_at: flops
+      target_fraction: 0.5
+    gc:
+      after_prune: true
 """
 
 from __future__ import annotations

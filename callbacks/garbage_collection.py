@@ -2,11 +2,8 @@
 
 Example (YAML)::
 
-    trainer:
-      callbacks:
-        - class_path: callbacks.GarbageCollection
-          init_args:
-            epochs: [20, 40, 60]
+    gc:
+      epochs: [20, 40, 60]
 """
 
 from __future__ import annotations
@@ -48,7 +45,8 @@ class GarbageCollection(Callback):
     ``gc/channels_removed``, prints the channels per group, and logs a bar chart of them as the W&B image
     ``gc/channels``.
 
-    List it after the pruning callbacks, so a step's prune is collected at the end of that same step.
+    It must run after the pruning callbacks, so a step's prune is collected at the end of that same step:
+    the CLI's ``gc`` key does (``callbacks.NAMED_CALLBACKS``); in a callbacks list of your own, put it last.
 
     Args:
         epochs: 0-based epochs at whose end to collect; ``None`` collects at the end of every epoch.

@@ -2,11 +2,8 @@
 
 Example (YAML, the thesis's schedule)::
 
-    trainer:
-      callbacks:
-        - class_path: callbacks.Growing
-          init_args:
-            grow_epochs: [25, 50, 75]
+    growing:
+      grow_epochs: [25, 50, 75]
 """
 
 from __future__ import annotations

@@ -6,13 +6,10 @@ from scratch, beats the fine-tuned pruned network) and the lottery-ticket rewind
 
 Example (YAML)::
 
-    trainer:
-      callbacks:
-        - class_path: callbacks.RetrainFromScratch
-          init_args:
-            epoch: 8
-            init: rewind
-            rewind_epoch: 1
+    retrain:
+      epoch: 8
+      init: rewind
+      rewind_epoch: 1
 """
 
 from __future__ import annotations

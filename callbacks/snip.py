@@ -2,16 +2,12 @@
 
 Example (YAML, the thesis's flagship: dense super-network, iterative, table 13)::
 
-    trainer:
-      callbacks:
-        - class_path: callbacks.Growing
-          init_args: {grow_epochs: [25, 50, 75]}
-        - class_path: callbacks.SnipPruning
-          init_args:
-            keep_ratio: 0.3
-            mode: iterative
-            steps: 3
-            prune_epochs: [10, 35, 60, 85, 95, 105, 115]
+    growing: {grow_epochs: [25, 50, 75]}
+    snip:
+      keep_ratio: 0.3
+      mode: iterative
+      steps: 3
+      prune_epochs: [10, 35, 60, 85, 95, 105, 115]
 """
 
 from __future__ import annotations

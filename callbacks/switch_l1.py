@@ -2,17 +2,13 @@
 
 Example (YAML)::
 
-    trainer:
-      callbacks:
-        - class_path: callbacks.SwitchL1
-          init_args:
-            lam: 1.0e-4
-            kill: threshold
-            tau: 1.0e-3
-            until_epoch: 60
-        - class_path: callbacks.GarbageCollection
-          init_args:
-            epochs: null
+    switch_l1:
+      lam: 1.0e-4
+      kill: threshold
+      tau: 1.0e-3
+      until_epoch: 60
+    gc:
+      epochs: null
 """
 
 from __future__ import annotations

@@ -167,9 +167,8 @@ class Runner:
         except (OSError, subprocess.TimeoutExpired) as err:
             raise DeviceError(f"{self.describe()}: no answer to the probe ({err})") from err
         if proc.returncode != 0:
-            raise DeviceError(
-                f"{self.describe()}: probe failed (exit {proc.returncode}): {proc.stderr.strip()[-1000:]}"
-            )
+            lines = proc.stderr.strip().splitlines() or ["(no message)"]
+            raise DeviceError(f"{self.describe()}: probe failed (exit {proc.returncode}): {lines[-1][-500:]}")
         return proc.stdout.strip()
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from callbacks import Distillation
-from lit_nas.cli import CONFIG_DIR, REPO_ROOT, LitNASCLI, resolve_config_args
+from callbacks import Distillation, LastCheckpoint
+from lit_nas_cli import CONFIG_DIR, REPO_ROOT, LitNASCLI, resolve_config_args
 from tests.dataset_files import skip_md5, write_idx, write_tiny_cifar10
 from tests.wandb_records import history
 
@@ -89,6 +89,7 @@ def tiny_teacher(tmp_path: Path, shape) -> Path:
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_parses_and_trains_a_few_batches(config, tmp_path, tiny_fashion, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     args = [
         "--config",
         config,  # bare name: resolved under configs/
@@ -99,6 +100,9 @@ def test_every_config_parses_and_trains_a_few_batches(config, tmp_path, tiny_fas
         *data_args(config, tmp_path, tiny_fashion, monkeypatch),
     ]
     cli = LitNASCLI(args=resolve_config_args(args), run=False)
+    # every shipped config writes runs/<name>/checkpoints/last.ckpt every epoch, whatever its monitor does
+    (last,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, LastCheckpoint)]
+    assert last.path == Path("runs") / Path(config).stem / "checkpoints" / "last.ckpt"
     for cb in cli.trainer.callbacks:
         if isinstance(cb, Distillation) and cb.teacher_path is not None:  # the teacher of a previous run
             cb.teacher_path = str(tiny_teacher(tmp_path, cli.datamodule.data_shape))
@@ -273,7 +277,7 @@ def test_dense_iterative_fast_with_train_py_logs_pruning_to_wandb(tmp_path):
     # the last pruning opens epoch 7: only the finished network (epochs 7, 8) can be the checkpoint tested
     assert full[:7] == ["NaN"] * 7 and "NaN" not in full[7:]
     assert int(re.search(r"best-epoch=(\d+)\.ckpt", proc.stdout + proc.stderr).group(1)) >= 7
-    found = list((tmp_path / "runs").glob("lit_nas/*/checkpoints/found_arch.yaml"))
+    found = list((tmp_path / "runs").glob("dense_iterative_fast/checkpoints/found_arch.yaml"))
     assert found and (found[0].parent / "found_masks.pt").is_file()
 
 

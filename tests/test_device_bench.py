@@ -302,6 +302,7 @@ def test_device_failure_keeps_the_checkpoint_and_ends_the_run_normally(tmp_path)
         calib_images=16,
         export_python=find_export_python() or str(tmp_path / "no-tensorflow"),
         timeout_s=60,
+        check_runner=False,  # the probe would refuse the run before training (tested below)
     )
     trainer, _, ckpt = _fit_with(tmp_path, bench)
     assert trainer.state.finished and not trainer.interrupted
@@ -372,3 +373,15 @@ def test_ssh_runner_on_the_emulated_armv7l_device(tiny_models, emulated_pi):
                 np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"{name}:{out}")
             else:  # the same integer kernels: the same quantized outputs, up to one step
                 np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
+
+
+def test_the_runner_probe_answers_or_names_what_is_missing(tmp_path):
+    import platform
+
+    assert LocalRunner().probe() == platform.machine()
+    with pytest.raises(DeviceError, match="no answer to the probe"):
+        LocalRunner(python=str(tmp_path / "no-python")).probe()
+    with pytest.raises(DeviceError, match=r"probe failed \(exit 1\).*No module named 'ai_edge_litert'"):
+        LocalRunner().probe("ai_edge_litert")
+    with pytest.raises(DeviceError, match=r"ssh 127\.0\.0\.1:1: probe failed"):
+        SSHRunner("127.0.0.1:1", connect_timeout_s=5).probe()

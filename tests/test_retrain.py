@@ -175,3 +175,47 @@ def test_a_restart_after_the_run_is_refused(tmp_path):
         tiny_trainer(tmp_path, max_epochs=3, callbacks=[RetrainFromScratch(epoch=5)]).fit(
             masked_module(), datamodule=data()
         )
+
+
+class PendingUntil(L.Callback):
+    """A search whose end depends on training: pending until the start of ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        pl_module.set_search_pending("Pending", trainer.current_epoch < self.epoch)
+
+
+class RestartEpoch(L.Callback):
+    def __init__(self) -> None:
+        self.restarted_at = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        retrain = next(cb for cb in trainer.callbacks if isinstance(cb, RetrainFromScratch))
+        if retrain.restarted and self.restarted_at is None:
+            self.restarted_at = trainer.current_epoch
+
+
+def test_the_restart_waits_for_a_search_that_is_still_running(tmp_path):
+    probe = RestartEpoch()
+    retrain = RetrainFromScratch(epoch=1)
+    trainer = tiny_trainer(tmp_path, max_epochs=5, callbacks=[PendingUntil(3), retrain, probe])
+    with pytest.warns(UserWarning, match=r"epoch 1 reached but \['Pending'\] still searching"):
+        trainer.fit(masked_module(), datamodule=data())
+    assert probe.restarted_at == 3
+
+
+def test_the_restart_is_refused_at_fit_start_when_a_schedule_runs_past_it(tmp_path):
+    from callbacks import Growing
+
+    trainer = tiny_trainer(
+        tmp_path, max_epochs=5, callbacks=[Growing([1, 2, 3]), RetrainFromScratch(epoch=2)]
+    )
+    with pytest.raises(
+        ValueError, match=r"epoch 2 restarts while a search still changes the network \(Growing"
+    ):
+        trainer.fit(
+            MultiExitModule(net=NetConfig(**TINY), data_shape=DataShape(3, 16, 10)), datamodule=data()
+        )
+    assert trainer.global_step == 0

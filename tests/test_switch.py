@@ -203,3 +203,40 @@ def test_a_resume_after_collections_continues_bit_identically(tmp_path, kill):
 def test_bad_switch_configs_name_the_value_and_the_choices(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SwitchL1(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(update="proximal", kill="threshold", lam=50.0, tau=1e-3),
+        dict(update="proximal", kill="sign_change", lam=50.0),
+        dict(update="proximal", kill="sign_variance", lam=50.0, window=2, gamma=0.1),
+        dict(update="subgradient", kill="threshold", lam=50.0, tau=10.0),
+        dict(update="subgradient", kill="sign_change", lam=50.0),
+        dict(update="subgradient", kill="sign_variance", lam=50.0, window=2, gamma=0.1),
+    ],
+    ids=lambda k: f"{k['update']}-{k['kill']}",
+)
+def test_a_strong_penalty_never_empties_a_group_on_any_path(tmp_path, kwargs):
+    """The guard holds even when the soft-threshold zeroed every switch of a group in one step."""
+    module = tiny_module()
+    switch, probe = SwitchL1(**kwargs), SwitchProbe()
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[switch, probe])
+    trainer.fit(module, datamodule=data())
+    for step in probe.steps:
+        for g, theta in step.items():
+            assert int((theta != 0).sum()) >= 1, (g, theta)
+    # a penalty this strong kills all but the last switch of every group: the guard is what is tested
+    assert all(int((t != 0).sum()) == 1 for t in probe.steps[-1].values())
+
+
+def test_keep_one_alive_restores_the_strongest_switch_the_update_zeroed():
+    from lit_nas.switches import keep_one_alive
+
+    before = torch.tensor([0.2, -0.9, 0.0, 0.5])
+    theta = soft_threshold(before, 1.0)  # every switch to exactly 0
+    dead = keep_one_alive(theta, before, theta == 0)
+    assert dead.tolist() == [True, False, True, True]
+    assert theta[1] == -0.9
+    some = torch.tensor([False, True, True, True])
+    assert keep_one_alive(theta, before, some) is some  # one still alive: unchanged
