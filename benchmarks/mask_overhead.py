@@ -38,7 +38,7 @@ from torch.nn.utils import prune
 from lit_nas import DataShape, NetConfig
 from lit_nas.masks import apply_masks, masked_pairs
 from lit_nas.module import MultiExitModule
-from lit_nas.pruning import snip_block_masks
+from lit_nas.snip import snip_block_masks
 
 
 def make_module(widths: list[int], dense: bool) -> MultiExitModule:

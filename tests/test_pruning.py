@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_nas.pruning import fisher_scores, fisher_signal
+from lit_nas.fisher import fisher_scores, fisher_signal
 
 
 def small_net() -> tuple[nn.Module, nn.Module]:

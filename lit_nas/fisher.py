@@ -1,0 +1,200 @@
+"""Fisher channel pruning (pure functions): the signal, its accumulation during training, the choice.
+
+Fisher pruning (Theis et al. 2018; Liège thesis section 4.2.3, eq. 4.10): with a binary mask ``m_k`` on
+channel ``k`` of an activation ``a`` (``a' = m_k a``), removing the channel raises the loss by about
+
+    Delta_k = 1/(2N) * sum_n g_nk^2,   g_nk = sum_ij a_nkij * d(loss_n)/d(a_nkij),
+
+where ``loss_n`` is the loss of sample ``n`` alone. ``g_nk`` is the per-sample gradient of the mask, which
+the activation and the gradient that backpropagation already computes give for free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_nas.gates import gated_groups, producer_norms
+
+
+def fisher_signal(activation: Tensor, grad: Tensor, mean_reduced: bool = True) -> Tensor:
+    """Per-sample gradient of a channel mask, ``g_nk = sum_ij a_nkij * d(loss_n)/d(a_nkij)``: ``(N, C)``.
+
+    Args:
+        activation: ``(N, C, H, W)`` (or ``(N, C)``) activation the mask multiplies.
+        grad: gradient of the backpropagated batch loss with respect to ``activation``, same shape.
+        mean_reduced: the batch loss was the *mean* of the per-sample losses (PyTorch's default), so each
+            sample's own gradient is ``N`` times its share of ``grad``; ``False`` for a summed loss.
+    """
+    if activation.shape != grad.shape:
+        raise ValueError(f"activation {tuple(activation.shape)} and grad {tuple(grad.shape)} differ in shape")
+    g = (activation * grad).flatten(2).sum(2) if activation.dim() > 2 else activation * grad
+    return g * activation.shape[0] if mean_reduced else g
+
+
+def fisher_scores(activation: Tensor, grad: Tensor, mean_reduced: bool = True) -> Tensor:
+    """Fisher pruning signal of every channel for one batch: ``1/(2N) sum_n g_nk^2``, shape ``(C,)``.
+
+    Scores of several batches average (weight each by its ``N``); the lowest score is the channel whose
+    removal is expected to cost the least loss.
+    """
+    g = fisher_signal(activation, grad, mean_reduced)
+    return g.pow(2).sum(0) / (2 * g.shape[0])
+
+
+class FisherAccumulator:
+    """Accumulates the Fisher signal of every channel of gated channel groups during training.
+
+    A forward hook on each BatchNorm that produces a group (after its gate) keeps the activation and puts a
+    tensor hook on it, which turns the gradient backpropagation computes anyway into the per-sample signal
+    ``g_nk`` (:func:`fisher_signal`). A group produced by several BatchNorms (a residual stream: channels
+    tied by identity shortcuts share one gate) sums their signals *before* squaring: ``g_nk`` is the
+    derivative with respect to the one mask they share. :meth:`end_step` squares and accumulates a step's
+    signal; :meth:`scores` gives ``Delta_k = 1/(2N) sum_n g_nk^2`` over every sample seen since
+    :meth:`reset`.
+
+    Garbage collection may remove channels between steps; the running sums then follow: the channels whose
+    gate was 0 at the last step are the ones removed.
+
+    Args:
+        net: the network, with gates on ``groups`` (:func:`lit_nas.gates.attach_gates`).
+        groups: names of the channel groups to score.
+    """
+
+    def __init__(self, net: nn.Module, groups: Iterable[str]) -> None:
+        self.net = net
+        self.groups = list(groups)
+        self.enabled = True
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._live: dict[str, Tensor] = {}  # gate != 0 when each group's sums began
+        self._step: dict[str, Tensor] = {}
+        self._handles: list[Any] = []
+        self._gates: dict[str, Tensor] = {}
+
+    def attach(self) -> None:
+        """Hook the producing BatchNorms of every group (after their gate hooks)."""
+        self.detach()
+        gates = gated_groups(self.net)
+        self._gates = {group: gates[group] for group in self.groups}  # sliced in place by surgery: stable
+        for group in self.groups:
+            for norm in producer_norms(self.net, group):
+                self._handles.append(norm.register_forward_hook(self._forward_hook(group)))
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _gate(self, group: str) -> Tensor:
+        return self._gates[group].detach()
+
+    def _forward_hook(self, group: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if self.enabled and torch.is_grad_enabled() and output.requires_grad:
+                act = output.detach()
+                output.register_hook(lambda grad: self._add(group, act, grad))
+
+        return hook
+
+    def _align(self, group: str) -> None:
+        """Follow a garbage collection: the running sums keep the channels that were live when they began.
+
+        Gates only close at prune events, which reset the sums, so the live channels recorded when a group's
+        sums begin are the ones a later collection keeps.
+        """
+        gate = self._gate(group)
+        if group in self.sums and self.sums[group].numel() != gate.numel():
+            live = self._live[group]
+            if int(live.sum()) == gate.numel():  # collected: keep the sums of the surviving channels
+                self.sums[group] = self.sums[group][live.to(self.sums[group].device)]
+                self._live[group] = gate != 0
+            else:
+                del self.sums[group]
+                self.counts[group] = 0
+
+    def _add(self, group: str, act: Tensor, grad: Tensor) -> None:
+        g = fisher_signal(act, grad).detach()
+        prev = self._step.get(group)
+        self._step[group] = g if prev is None else prev + g
+
+    def end_step(self) -> None:
+        """Square and accumulate the signals of the step whose backward pass just ran."""
+        for group, g in self._step.items():
+            self._align(group)
+            total = g.pow(2).sum(0)
+            if group in self.sums:
+                self.sums[group] = self.sums[group] + total
+            else:  # the sums begin: remember which channels are live now
+                self.sums[group] = total
+                self._live[group] = self._gate(group) != 0
+            self.counts[group] = self.counts.get(group, 0) + g.shape[0]
+        self._step = {}
+
+    def scores(self) -> dict[str, Tensor]:
+        """``Delta_k`` of every channel of the groups that saw samples since the last reset."""
+        out = {}
+        for group in list(self.sums):
+            self._align(group)
+            if self.counts.get(group, 0) > 0 and group in self.sums:
+                out[group] = self.sums[group] / (2 * self.counts[group])
+        return out
+
+    def reset(self) -> None:
+        """Forget every accumulated signal (Theis et al. reset after each pruned channel)."""
+        self.sums, self.counts, self._step = {}, {}, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Accumulated sums and sample counts (for an exact resume)."""
+        return {
+            "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "counts": dict(self.counts),
+            "live": {k: v.cpu() for k, v in self._live.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        device = next(self.net.parameters()).device
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        self._live = {k: v.to(device) for k, v in state["live"].items()}
+
+
+def select_channels(
+    scores: Mapping[str, Tensor],
+    live: Mapping[str, Tensor],
+    count: int,
+    costs: Mapping[str, float] | None = None,
+) -> list[tuple[str, int]]:
+    """The ``count`` live channels to prune: lowest score, or lowest ``score / cost`` with ``costs``.
+
+    Never leaves a group with 0 live channels; fewer than ``count`` channels come back when every
+    remaining channel is the last of its group.
+
+    Args:
+        scores: ``Delta_k`` of each channel, by group (groups without scores are not pruned).
+        live: boolean mask of the channels still live (gate != 0), by group.
+        count: channels to choose.
+        costs: what removing one channel of each group saves (e.g. :func:`lit_nas.cost.channel_flops`).
+    """
+    candidates: list[tuple[float, int, int, str]] = []
+    for order, (group, score) in enumerate(scores.items()):
+        alive = live[group].to(score.device)
+        if alive.shape != score.shape:
+            raise ValueError(f"group {group!r}: {alive.numel()} live flags for {score.numel()} scores")
+        value = score / costs[group] if costs is not None else score
+        candidates += [(float(value[k]), order, int(k), group) for k in alive.nonzero().flatten()]
+    candidates.sort()
+    left = {group: int(live[group].sum()) for group in scores}
+    chosen: list[tuple[str, int]] = []
+    for _, _, k, group in candidates:
+        if len(chosen) == count:
+            break
+        if left[group] > 1:  # the last live channel of a layer stays
+            chosen.append((group, k))
+            left[group] -= 1
+    return chosen

@@ -1,0 +1,228 @@
+"""SNIP connection sensitivity and its pruning schedule (pure functions).
+
+SNIP (Lee et al. 2019; Inria thesis sections 2.3.2 and 4): with a multiplicative mask ``c`` on every weight
+(``w' = c * w``), the sensitivity of connection ``w`` is the magnitude of the loss's gradient with respect to
+its mask at ``c = 1``, ``|dL/dc| = |g * w|`` with ``g = dL/dw``. Ranking is local to each block
+(:func:`snip_block_masks`); iterative pruning reaches a block's keep ratio in steps
+(:func:`keep_ratio_steps`), each step ranking only the surviving weights, at the events of
+:class:`PruneSchedule`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+KEEP_SCHEDULES = ("geometric", "linear")
+
+
+def snip_scores(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    params: Mapping[str, nn.Parameter] | None = None,
+) -> dict[str, Tensor]:
+    """SNIP connection sensitivity ``|g * w|`` of every weight in ``params``.
+
+    ``g`` is the gradient of the *mean* of the batches' losses, so several batches of ``B`` images score
+    like one batch of ``n * B`` (the thesis's criterion batch sizes 128..896). A pruned weight (``w = 0``)
+    scores 0. The model runs in its current mode (training mode: batch statistics, as SNIP does); its
+    buffers (BatchNorm running statistics) and the parameters' ``.grad`` are left exactly as they were.
+
+    Args:
+        model: maps a batch of images to whatever ``loss_fn`` takes.
+        batches: ``(images, targets)`` pairs; moved to the parameters' device.
+        loss_fn: ``loss_fn(model(images), targets) -> scalar``.
+        params: weights to score, by name; defaults to every conv and linear weight of ``model``.
+
+    Returns:
+        ``{name: scores}``, each the parameter's shape, on its device.
+    """
+    if params is None:
+        params = {
+            f"{n}.weight" if n else "weight": m.weight
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+        }
+    names, tensors = list(params), list(params.values())
+    if not tensors:
+        raise ValueError("snip_scores: no parameters to score")
+    device = tensors[0].device
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    grads = [torch.zeros_like(t) for t in tensors]
+    n = 0
+    try:
+        for x, y in batches:
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            for acc, g in zip(grads, torch.autograd.grad(loss, tensors, allow_unused=True)):
+                if g is not None:
+                    acc.add_(g)
+            n += 1
+    finally:
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in saved:
+                    b.copy_(saved[k])
+    if n == 0:
+        raise ValueError("snip_scores: no batches")
+    return {name: (g / n * t.detach()).abs() for name, g, t in zip(names, grads, tensors)}
+
+
+@contextmanager
+def reinitialized(
+    params: Mapping[str, nn.Parameter],
+    masks: Mapping[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[None]:
+    """Temporarily give ``params`` a fresh variance-scaled initialisation, then restore them exactly.
+
+    Original SNIP scores a network at initialisation: with ``reinit: true`` the trained weights are swapped
+    for He-normal ones (fan-in, the ``variance_scaling_initializer`` of the SNIP code) for the scoring, pruned
+    weights staying zero, and put back afterwards.
+    """
+    masks = masks or {}
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                nn.init.kaiming_normal_(p, mode="fan_in", nonlinearity="relu", generator=generator)
+                if n in masks:
+                    p.mul_(masks[n])
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
+def keep_ratio_steps(
+    keep: float, steps: int, schedule: Literal["geometric", "linear"] = "geometric"
+) -> list[float]:
+    """Keep ratio of a block after each of ``steps`` prunings, ending at ``keep``.
+
+    ``geometric`` (default): step ``j`` keeps ``keep ** (j / steps)``, so every step removes the same
+    *fraction of the surviving* weights (0.5 in 3 steps: 0.794, 0.630, 0.5), the rule of iterative magnitude
+    pruning. ``linear``: equal *numbers* of weights per step (0.833, 0.667, 0.5).
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep ratio must be in (0, 1]; got {keep}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
+    if schedule == "geometric":
+        return [keep ** (j / steps) for j in range(1, steps + 1)]
+    if schedule == "linear":
+        return [1 - (1 - keep) * j / steps for j in range(1, steps + 1)]
+    raise ValueError(f"keep-ratio schedule must be one of {list(KEEP_SCHEDULES)}; got {schedule!r}")
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """When each block of a growing network is pruned.
+
+    Block ``b`` becomes eligible ``after_epochs`` epochs after it activates and is pruned ``steps`` times,
+    each time at a pruning event. The events are ``prune_epochs`` when given; otherwise an event happens
+    when a block becomes eligible for its first pruning, and, once every block has had its first, every
+    ``after_epochs`` epochs after the previous event while a block still has steps to go. So while the
+    network grows, a block's later steps ride on the next blocks' first prunings (the thesis: growth at
+    25/50/75, 3 steps -> events 10/35/60/85/95/105).
+
+    Attributes:
+        steps: prunings per block (1: one-shot).
+        after_epochs: epochs between a block's activation and its first pruning.
+        prune_epochs: explicit events, or ``None`` for the rule above.
+    """
+
+    steps: int = 1
+    after_epochs: int = 10
+    prune_epochs: tuple[int, ...] | None = None
+
+    def blocks_at(
+        self,
+        epoch: int,
+        activated: Mapping[int, int],
+        steps_done: Mapping[int, int],
+        last_event: int | None,
+        num_blocks: int,
+    ) -> list[int]:
+        """Blocks pruned at ``epoch``.
+
+        Args:
+            epoch: the current epoch.
+            activated: epoch at which each active block activated.
+            steps_done: prunings done so far per block.
+            last_event: epoch of the previous pruning event, if any.
+            num_blocks: blocks of the whole network.
+        """
+        eligible = [
+            b
+            for b, start in sorted(activated.items())
+            if steps_done.get(b, 0) < self.steps and epoch >= start + self.after_epochs
+        ]
+        if not eligible:
+            return []
+        if self.prune_epochs is not None:
+            return eligible if epoch in self.prune_epochs else []
+        first = any(steps_done.get(b, 0) == 0 for b in eligible)
+        started = all(steps_done.get(b, 0) > 0 for b in range(num_blocks))  # every block had its first
+        due = started and last_event is not None and epoch - last_event >= self.after_epochs
+        return eligible if first or due else []
+
+    def plan(self, activation_epochs: list[int], max_epochs: int) -> list[tuple[int, list[int]]]:
+        """``(epoch, blocks pruned)`` of every event, for blocks activating at ``activation_epochs``."""
+        activated: dict[int, int] = {}
+        steps_done: dict[int, int] = {}
+        last, events = None, []
+        for epoch in range(max_epochs):
+            for b, start in enumerate(activation_epochs):
+                if start <= epoch:
+                    activated.setdefault(b, epoch)
+            blocks = self.blocks_at(epoch, activated, steps_done, last, len(activation_epochs))
+            for b in blocks:
+                steps_done[b] = steps_done.get(b, 0) + 1
+            if blocks:
+                events.append((epoch, blocks))
+                last = epoch
+        return events
+
+
+def snip_block_masks(
+    scores: Mapping[str, Tensor], keep_count: int, current: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Keep the ``keep_count`` highest-scoring weights of one block, ranked together across its layers.
+
+    Weights already pruned (0 in ``current``) are never revived: they rank below every survivor, and
+    ``keep_count`` is capped at the number of survivors.
+
+    Args:
+        scores: scores of every weight of the block, by parameter name.
+        keep_count: weights to keep in the whole block (exact).
+        current: the block's current masks, by name (a parameter without one is fully alive).
+
+    Returns:
+        A 0/1 mask (the scores' dtype) for every parameter in ``scores``.
+    """
+    current = current or {}
+    names = list(scores)
+    flat = []
+    for n in names:
+        s = scores[n].detach().flatten().float()
+        if n in current:
+            s = s.masked_fill(current[n].flatten() == 0, -math.inf)
+        flat.append(s)
+    allscores = torch.cat(flat)
+    alive = int(torch.isfinite(allscores).sum())
+    k = max(0, min(int(keep_count), alive))
+    keep = torch.zeros_like(allscores, dtype=torch.bool)
+    keep[torch.topk(allscores, k, sorted=False).indices] = True
+    out, start = {}, 0
+    for n in names:
+        numel = scores[n].numel()
+        out[n] = keep[start : start + numel].view_as(scores[n]).to(scores[n].dtype)
+        start += numel
+    return out
