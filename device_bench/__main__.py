@@ -22,7 +22,8 @@ import yaml
 
 import lit_nas  # noqa: F401  (first: makes torchvision importable next to a CPU torch)
 from device_bench.runners import RUNNERS, BenchSettings, make_runner
-from lit_nas.arch import ArchSpec, DataShape, NetConfig
+from lit_nas.arch import ArchSpec, DataShape
+from lit_nas.nets.recipe import NetConfig
 
 DATA = {"fashion_mnist": "lit_nas.data.FashionMNISTDataModule", "cifar10": "lit_nas.data.CIFAR10DataModule"}
 

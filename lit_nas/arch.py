@@ -13,8 +13,7 @@ Users rarely write an ArchSpec by hand: :class:`NetConfig` is the short recipe f
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from itertools import pairwise
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +148,7 @@ class ArchSpec:
     # ----------------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistency."""
-        from lit_nas.nets import NETWORKS  # local import: the registry imports this module
-
-        if self.kind not in NETWORKS:
-            raise ValueError(f"unknown network kind {self.kind!r}; valid choices: {sorted(NETWORKS)}")
+        # the kind is checked by lit_nas.nets.build_net, which owns the registry: this module imports no net
         if self.version != SPEC_VERSION:
             raise ValueError(f"ArchSpec version {self.version} is not supported (expected {SPEC_VERSION})")
         for name in ("in_channels", "input_size", "num_classes", "stem_width", "exit_pool"):
@@ -264,126 +260,3 @@ class ArchSpec:
 def _strided(size: int, stride: int) -> int:
     # 3x3 conv, padding 1: out = floor((size - 1) / stride) + 1
     return (size - 1) // stride + 1
-
-
-@dataclass
-class NetConfig:
-    """Short recipe of a network, as written in YAML; expanded by :meth:`build_spec`.
-
-    Attributes:
-        kind: network family (``resnet_sdn`` or ``wide_resnet``).
-        stage_widths: channels of each resolution stage; stage ``k > 0`` halves the resolution.
-        cells_per_stage: residual cells per stage.
-        depth: WRN-d-k recipe (Zagoruyko and Komodakis): ``depth`` d with ``(d - 4) % 6 == 0`` sets three
-            stages of ``(d - 4) / 6`` cells of widths ``16k, 32k, 64k`` after a 16-channel stem, overriding
-            ``stage_widths``, ``cells_per_stage`` and ``stem_width``. Required by ``wide_resnet``.
-        widen_factor: k of the WRN-d-k recipe.
-        se_reduction: Squeeze-and-Excitation on every residual branch with hidden width ``out // r``
-            (Liège thesis section 3.4); 0 for none.
-        exit_depths: where the blocks end, as fractions of the number of cells (the thesis: 0.3/0.6/0.8/1.0);
-            ignored when ``block_cells`` is given.
-        block_cells: explicit number of cells per block.
-        exits: ``True`` (an internal classifier after every block), ``False`` (baseline: final exit only)
-            or one flag per block.
-        dense: densely connected cells (the super-network of the thesis, section 5).
-        stem_width: stem channels; defaults to ``stage_widths[0]``.
-        exit_pool: pooled map size of the internal classifiers.
-        active_blocks: blocks active at start; defaults to all (growing sets 1).
-    """
-
-    kind: str = "resnet_sdn"
-    stage_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
-    cells_per_stage: list[int] = field(default_factory=lambda: [3, 3, 3])
-    exit_depths: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8, 1.0])
-    block_cells: list[int] | None = None
-    exits: bool | list[bool] = True
-    dense: bool = False
-    stem_width: int | None = None
-    exit_pool: int = 4
-    active_blocks: int | None = None
-    depth: int | None = None
-    widen_factor: int | None = None
-    se_reduction: int = 0
-
-    def __post_init__(self) -> None:
-        if (self.depth is None) != (self.widen_factor is None):
-            raise ValueError(
-                f"depth and widen_factor come together (WRN-d-k); got depth={self.depth}, "
-                f"widen_factor={self.widen_factor}"
-            )
-        if self.depth is not None:
-            if self.depth < 10 or (self.depth - 4) % 6:
-                raise ValueError(
-                    f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); got {self.depth}"
-                )
-            if self.widen_factor < 1:
-                raise ValueError(f"widen_factor must be >= 1; got {self.widen_factor}")
-            k, n = self.widen_factor, (self.depth - 4) // 6
-            self.stage_widths = [16 * k, 32 * k, 64 * k]
-            self.cells_per_stage = [n, n, n]
-            self.stem_width = 16
-        elif self.kind == "wide_resnet":
-            raise ValueError("kind wide_resnet needs depth and widen_factor (WRN-d-k, e.g. 40 and 2)")
-        if self.se_reduction < 0:
-            raise ValueError(
-                f"se_reduction must be >= 0 (0: no Squeeze-and-Excitation); got {self.se_reduction}"
-            )
-        if len(self.stage_widths) != len(self.cells_per_stage):
-            raise ValueError(
-                f"stage_widths {self.stage_widths} and cells_per_stage {self.cells_per_stage} must have the "
-                "same length (one entry per resolution stage)"
-            )
-        if not self.stage_widths or any(w < 1 for w in self.stage_widths):
-            raise ValueError(f"stage_widths must be positive integers; got {self.stage_widths}")
-        if any(n < 1 for n in self.cells_per_stage):
-            raise ValueError(f"cells_per_stage must be positive integers; got {self.cells_per_stage}")
-        if self.block_cells is None:
-            d = self.exit_depths
-            if not d or any(not 0 < x <= 1 for x in d) or any(b <= a for a, b in pairwise(d)) or d[-1] != 1:
-                raise ValueError(
-                    f"exit_depths must increase strictly within (0, 1] and end at 1.0; got {self.exit_depths}"
-                )
-
-    def build_spec(self, shape: DataShape) -> ArchSpec:
-        """Expand into a full :class:`ArchSpec` for data of the given shape."""
-        cells: list[CellSpec] = []
-        prev = self.stem_width or self.stage_widths[0]
-        for stage, (width, n) in enumerate(zip(self.stage_widths, self.cells_per_stage)):
-            for i in range(n):
-                stride = 2 if stage > 0 and i == 0 else 1
-                se = max(1, width // self.se_reduction) if self.se_reduction else 0
-                cells.append(
-                    CellSpec(
-                        mid=width, out=width, stride=stride, projection=stride != 1 or prev != width, se=se
-                    )
-                )
-                prev = width
-        n_cells = len(cells)
-        if self.block_cells is not None:
-            block_cells = list(self.block_cells)
-        else:
-            ends = [round(x * n_cells) for x in self.exit_depths]
-            if any(b <= a for a, b in zip([0, *ends], ends)):
-                raise ValueError(
-                    f"exit_depths {self.exit_depths} put two exits after the same cell of a {n_cells}-cell "
-                    "network; use fewer exits or give block_cells explicitly"
-                )
-            block_cells = [b - a for a, b in zip([0, *ends], ends)]
-        n_blocks = len(block_cells)
-        if isinstance(self.exits, bool):
-            exits = [True] * n_blocks if self.exits else [False] * (n_blocks - 1) + [True]
-        else:
-            exits = list(self.exits)
-        return ArchSpec(
-            kind=self.kind,
-            in_channels=shape.in_channels,
-            input_size=shape.input_size,
-            num_classes=shape.num_classes,
-            stem_width=self.stem_width or self.stage_widths[0],
-            cells=cells,
-            block_cells=block_cells,
-            exits=exits,
-            active_blocks=self.active_blocks or n_blocks,
-            dense=self.dense,
-            exit_pool=self.exit_pool,
-        )

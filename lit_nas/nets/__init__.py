@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from lit_nas.nets.base import (
     ChannelGroup,
     ChannelSlice,
@@ -12,39 +10,8 @@ from lit_nas.nets.base import (
     ExitLogits,
     MultiExitNet,
 )
-from lit_nas.nets.resnet_sdn import ResNetSDN, WideResNetSDN
-
-NETWORKS: dict[str, Callable[..., MultiExitNet]] = {
-    "resnet_sdn": ResNetSDN,
-    "wide_resnet": WideResNetSDN,
-}
-
-
-def build_net(spec) -> MultiExitNet:
-    """Build the network described by ``spec`` (an :class:`~lit_nas.arch.ArchSpec`)."""
-    if spec.kind not in NETWORKS:
-        raise ValueError(f"unknown network kind {spec.kind!r}; valid choices: {sorted(NETWORKS)}")
-    return NETWORKS[spec.kind](spec)
-
-
-def check_runs(spec) -> None:
-    """Run the complete network once on a shape-only (meta) input; ``ValueError`` if it cannot run.
-
-    ``ArchSpec.validate`` checks the recipe's rules; this catches any shape that still fails in forward
-    (a pooling that does not fit, say) when the network is built, not in the first training step.
-    """
-    import torch
-
-    full = spec.with_active_blocks(spec.num_blocks)
-    try:
-        with torch.device("meta"):
-            build_net(full).eval()(torch.empty(2, spec.in_channels, spec.input_size, spec.input_size))
-    except RuntimeError as err:
-        raise ValueError(
-            f"the {spec.kind} network cannot run on {spec.in_channels}x{spec.input_size}x{spec.input_size} "
-            f"inputs: {err}"
-        ) from err
-
+from lit_nas.nets.recipe import NetConfig
+from lit_nas.nets.registry import NETWORKS, build_net, check_runs
 
 __all__ = [
     "NETWORKS",
@@ -54,6 +21,7 @@ __all__ = [
     "ExitHead",
     "ExitLogits",
     "MultiExitNet",
+    "NetConfig",
     "build_net",
     "check_runs",
 ]

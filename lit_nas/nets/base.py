@@ -40,6 +40,10 @@ class ExitLogits:
     def __len__(self) -> int:
         return len(self.exits)
 
+    def __iter__(self) -> Iterator[Tensor]:
+        """The logits, in depth order (without it, iteration would go through ``__getitem__`` by index)."""
+        return iter(self.logits)
+
     def items(self) -> Iterator[tuple[int, Tensor]]:
         """``(exit block, logits)`` pairs in depth order."""
         return iter(zip(self.exits, self.logits))

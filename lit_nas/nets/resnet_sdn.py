@@ -239,8 +239,22 @@ class WideResNetSDN(ResNetSDN):
     """Wide ResNet (WRN-d-k, Zagoruyko and Komodakis), optionally with Squeeze-and-Excitation and exits.
 
     The layout is the WRN's (a 16-channel stem, three stages of ``(d - 4) / 6`` cells of widths
-    ``16k, 32k, 64k``; :class:`~lit_nas.arch.NetConfig` expands ``depth``/``widen_factor``). The cells are
-    the post-activation cells of :class:`ResNetSDN` (conv-BN-ReLU-conv-BN, then the addition), not the
-    original pre-activation ones: every prunable conv output then has its own BatchNorm, which is where
-    channel gates sit and fold (Liège thesis section 4.2.3; ShrinkNets section 3.6). No dropout.
+    ``16k, 32k, 64k``; :class:`~lit_nas.nets.recipe.NetConfig` expands ``depth``/``widen_factor`` with
+    :func:`wrn_stages`). The cells are the post-activation cells of :class:`ResNetSDN`
+    (conv-BN-ReLU-conv-BN, then the addition), not the original pre-activation ones: every prunable conv
+    output then has its own BatchNorm, which is where channel gates sit and fold (Liège thesis section
+    4.2.3; ShrinkNets section 3.6). No dropout.
     """
+
+
+def wrn_stages(depth: int, widen_factor: int | None) -> tuple[list[int], list[int], int]:
+    """The WRN-d-k recipe (Zagoruyko and Komodakis): ``(stage_widths, cells_per_stage, stem_width)``.
+
+    Three stages of ``(d - 4) / 6`` cells of widths ``16k, 32k, 64k`` after a 16-channel stem.
+    """
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); got {depth}")
+    if widen_factor is None or widen_factor < 1:
+        raise ValueError(f"widen_factor must be >= 1; got {widen_factor}")
+    k, n = widen_factor, (depth - 4) // 6
+    return [16 * k, 32 * k, 64 * k], [n, n, n], 16

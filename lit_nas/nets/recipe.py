@@ -1,0 +1,132 @@
+"""``NetConfig``: the short recipe of a network written in YAML, expanded into an :class:`ArchSpec`.
+
+It lives beside the networks (not in :mod:`lit_nas.arch`) because it knows their families: the registry's
+kinds, and the WRN-d-k recipe of ``wide_resnet`` (:func:`lit_nas.nets.resnet_sdn.wrn_stages`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+from lit_nas.arch import ArchSpec, CellSpec, DataShape
+from lit_nas.nets.registry import NETWORKS
+from lit_nas.nets.resnet_sdn import wrn_stages
+
+
+@dataclass
+class NetConfig:
+    """Short recipe of a network, as written in YAML; expanded by :meth:`build_spec`.
+
+    Attributes:
+        kind: network family (``resnet_sdn`` or ``wide_resnet``).
+        stage_widths: channels of each resolution stage; stage ``k > 0`` halves the resolution.
+        cells_per_stage: residual cells per stage.
+        depth: WRN-d-k recipe (Zagoruyko and Komodakis): ``depth`` d with ``(d - 4) % 6 == 0`` sets three
+            stages of ``(d - 4) / 6`` cells of widths ``16k, 32k, 64k`` after a 16-channel stem, overriding
+            ``stage_widths``, ``cells_per_stage`` and ``stem_width``. Required by ``wide_resnet``.
+        widen_factor: k of the WRN-d-k recipe.
+        se_reduction: Squeeze-and-Excitation on every residual branch with hidden width ``out // r``
+            (Liège thesis section 3.4); 0 for none.
+        exit_depths: where the blocks end, as fractions of the number of cells (the thesis: 0.3/0.6/0.8/1.0);
+            ignored when ``block_cells`` is given.
+        block_cells: explicit number of cells per block.
+        exits: ``True`` (an internal classifier after every block), ``False`` (baseline: final exit only)
+            or one flag per block.
+        dense: densely connected cells (the super-network of the thesis, section 5).
+        stem_width: stem channels; defaults to ``stage_widths[0]``.
+        exit_pool: pooled map size of the internal classifiers.
+        active_blocks: blocks active at start; defaults to all (growing sets 1).
+    """
+
+    kind: str = "resnet_sdn"
+    stage_widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    cells_per_stage: list[int] = field(default_factory=lambda: [3, 3, 3])
+    exit_depths: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8, 1.0])
+    block_cells: list[int] | None = None
+    exits: bool | list[bool] = True
+    dense: bool = False
+    stem_width: int | None = None
+    exit_pool: int = 4
+    active_blocks: int | None = None
+    depth: int | None = None
+    widen_factor: int | None = None
+    se_reduction: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.depth is None) != (self.widen_factor is None):
+            raise ValueError(
+                f"depth and widen_factor come together (WRN-d-k); got depth={self.depth}, "
+                f"widen_factor={self.widen_factor}"
+            )
+        if self.kind not in NETWORKS:
+            raise ValueError(f"unknown network kind {self.kind!r}; valid choices: {sorted(NETWORKS)}")
+        if self.depth is not None:
+            self.stage_widths, self.cells_per_stage, self.stem_width = wrn_stages(
+                self.depth, self.widen_factor
+            )
+        elif self.kind == "wide_resnet":
+            raise ValueError("kind wide_resnet needs depth and widen_factor (WRN-d-k, e.g. 40 and 2)")
+        if self.se_reduction < 0:
+            raise ValueError(
+                f"se_reduction must be >= 0 (0: no Squeeze-and-Excitation); got {self.se_reduction}"
+            )
+        if len(self.stage_widths) != len(self.cells_per_stage):
+            raise ValueError(
+                f"stage_widths {self.stage_widths} and cells_per_stage {self.cells_per_stage} must have the "
+                "same length (one entry per resolution stage)"
+            )
+        if not self.stage_widths or any(w < 1 for w in self.stage_widths):
+            raise ValueError(f"stage_widths must be positive integers; got {self.stage_widths}")
+        if any(n < 1 for n in self.cells_per_stage):
+            raise ValueError(f"cells_per_stage must be positive integers; got {self.cells_per_stage}")
+        if self.block_cells is None:
+            d = self.exit_depths
+            if not d or any(not 0 < x <= 1 for x in d) or any(b <= a for a, b in pairwise(d)) or d[-1] != 1:
+                raise ValueError(
+                    f"exit_depths must increase strictly within (0, 1] and end at 1.0; got {self.exit_depths}"
+                )
+
+    def build_spec(self, shape: DataShape) -> ArchSpec:
+        """Expand into a full :class:`ArchSpec` for data of the given shape."""
+        cells: list[CellSpec] = []
+        prev = self.stem_width or self.stage_widths[0]
+        for stage, (width, n) in enumerate(zip(self.stage_widths, self.cells_per_stage)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                se = max(1, width // self.se_reduction) if self.se_reduction else 0
+                cells.append(
+                    CellSpec(
+                        mid=width, out=width, stride=stride, projection=stride != 1 or prev != width, se=se
+                    )
+                )
+                prev = width
+        n_cells = len(cells)
+        if self.block_cells is not None:
+            block_cells = list(self.block_cells)
+        else:
+            ends = [round(x * n_cells) for x in self.exit_depths]
+            if any(b <= a for a, b in zip([0, *ends], ends)):
+                raise ValueError(
+                    f"exit_depths {self.exit_depths} put two exits after the same cell of a {n_cells}-cell "
+                    "network; use fewer exits or give block_cells explicitly"
+                )
+            block_cells = [b - a for a, b in zip([0, *ends], ends)]
+        n_blocks = len(block_cells)
+        if isinstance(self.exits, bool):
+            exits = [True] * n_blocks if self.exits else [False] * (n_blocks - 1) + [True]
+        else:
+            exits = list(self.exits)
+        return ArchSpec(
+            kind=self.kind,
+            in_channels=shape.in_channels,
+            input_size=shape.input_size,
+            num_classes=shape.num_classes,
+            stem_width=self.stem_width or self.stage_widths[0],
+            cells=cells,
+            block_cells=block_cells,
+            exits=exits,
+            active_blocks=self.active_blocks or n_blocks,
+            dense=self.dense,
+            exit_pool=self.exit_pool,
+        )

@@ -1,0 +1,39 @@
+"""The registry of network families: every network is built from an ArchSpec by its ``kind``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lit_nas.nets.base import MultiExitNet
+from lit_nas.nets.resnet_sdn import ResNetSDN, WideResNetSDN
+
+NETWORKS: dict[str, Callable[..., MultiExitNet]] = {
+    "resnet_sdn": ResNetSDN,
+    "wide_resnet": WideResNetSDN,
+}
+
+
+def build_net(spec) -> MultiExitNet:
+    """Build the network described by ``spec`` (an :class:`~lit_nas.arch.ArchSpec`)."""
+    if spec.kind not in NETWORKS:
+        raise ValueError(f"unknown network kind {spec.kind!r}; valid choices: {sorted(NETWORKS)}")
+    return NETWORKS[spec.kind](spec)
+
+
+def check_runs(spec) -> None:
+    """Run the complete network once on a shape-only (meta) input; ``ValueError`` if it cannot run.
+
+    ``ArchSpec.validate`` checks the recipe's rules; this catches any shape that still fails in forward
+    (a pooling that does not fit, say) when the network is built, not in the first training step.
+    """
+    import torch
+
+    full = spec.with_active_blocks(spec.num_blocks)
+    try:
+        with torch.device("meta"):
+            build_net(full).eval()(torch.empty(2, spec.in_channels, spec.input_size, spec.input_size))
+    except RuntimeError as err:
+        raise ValueError(
+            f"the {spec.kind} network cannot run on {spec.in_channels}x{spec.input_size}x{spec.input_size} "
+            f"inputs: {err}"
+        ) from err
