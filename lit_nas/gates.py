@@ -92,6 +92,14 @@ def gated_groups(net: MultiExitNet) -> dict[str, nn.Parameter]:
     return {k.replace("__", "."): p for k, p in net.gates.items()}
 
 
+@torch.no_grad()
+def close_channels(net: MultiExitNet, channels: Iterable[tuple[str, int]]) -> None:
+    """Gate channels off: ``(group, channel)`` pairs set to exactly 0 (garbage collection removes them)."""
+    gates = gated_groups(net)
+    for group, k in channels:
+        gates[group][k] = 0.0
+
+
 def ensure_gates(net: MultiExitNet, state_dict_keys: Iterable[str], prefix: str = "") -> None:
     """Create the gates named in a state dict (``<prefix>gates.<key>``), so loading it fills them."""
     lead = f"{prefix}gates."

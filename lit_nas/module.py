@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_nas.arch import ArchSpec, DataShape, NetConfig
+from lit_nas.arch import ArchSpec, DataShape
 from lit_nas.cost import CostReport, count_costs, format_costs
 from lit_nas.early_exit import EarlyExitResult, early_exit, format_table
 from lit_nas.gates import ensure_gates
@@ -36,6 +36,7 @@ from lit_nas.masks import (
 )
 from lit_nas.nets import build_net, check_runs
 from lit_nas.nets.base import ChannelGroup, ExitLogits, MultiExitNet
+from lit_nas.nets.recipe import NetConfig
 from lit_nas.objectives import ExitLossConfig, exit_weights, multi_exit_loss
 from lit_nas.optim import LRScheduleConfig, OptimizerConfig
 from lit_nas.protocol import LossTerm

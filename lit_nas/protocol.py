@@ -7,7 +7,7 @@ that the LightningModule they were given has them (:func:`require_nas_module`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -79,6 +79,10 @@ class NASModule(Protocol):
         """Add ``fn``'s value to the training loss (logged under ``name``)."""
         ...
 
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Log a metric (``LightningModule.log``)."""
+        ...
+
     def remove_loss_term(self, name: str) -> None:
         """Remove a term added with :meth:`add_loss_term`."""
         ...
@@ -100,6 +104,7 @@ _MEMBERS = (
     "pending_searches",
     "add_loss_term",
     "remove_loss_term",
+    "log",
 )
 
 
@@ -117,3 +122,8 @@ def require_nas_module(pl_module: object, who: str) -> NASModule:
             f"lit_nas.protocol.NASModule); {type(pl_module).__name__} lacks {missing}"
         )
     return pl_module  # type: ignore[return-value]
+
+
+def nas(pl_module: object) -> NASModule:
+    """``pl_module`` typed as :class:`NASModule`, in hooks after ``setup`` checked it (no check here)."""
+    return cast(NASModule, pl_module)

@@ -102,3 +102,50 @@ def sign_variance_kills(window: SignWindow, gamma: float) -> Tensor:
     if not window.full:
         return torch.zeros(window.signs.shape[1], dtype=torch.bool, device=window.signs.device)
     return window.variance() > gamma
+
+
+@torch.no_grad()
+def switch_step(
+    theta: Tensor,
+    *,
+    update: str,
+    kill: str,
+    threshold: float,
+    tau: float = 1e-3,
+    gamma: float = 0.5,
+    previous_sign: Tensor | None = None,
+    window: SignWindow | None = None,
+) -> Tensor:
+    """One step of a group's switches, after the optimizer's: the L1 update, the kill rule, the guard.
+
+    In place on ``theta``: the ``proximal`` update soft-thresholds by ``threshold`` (``lr * λ``); switches
+    that were dead stay exactly 0 whatever momentum did; the ``kill`` rule (``threshold`` with ``tau``,
+    ``sign_change`` against ``previous_sign``, ``sign_variance`` over ``window`` with ``gamma``) declares
+    more dead; :func:`keep_one_alive` keeps the group's last switch; the dead are set to exactly 0.
+
+    Returns:
+        The switches that died in this step (their optimizer state must be zeroed too).
+    """
+    if update not in UPDATES:
+        raise ValueError(f"unknown switch update {update!r}; valid choices: {list(UPDATES)}")
+    was_dead = theta == 0
+    before = theta.clone()
+    if update == "proximal":
+        theta.copy_(soft_threshold(theta, threshold))
+    theta[was_dead] = 0
+    if kill == "threshold":
+        new = threshold_kills(theta, tau)
+    elif kill == "sign_change":
+        if previous_sign is None:
+            raise ValueError("sign_change needs previous_sign")
+        new = sign_change_kills(theta, previous_sign)
+    elif kill == "sign_variance":
+        if window is None:
+            raise ValueError("sign_variance needs a SignWindow")
+        window.push(theta)
+        new = sign_variance_kills(window, gamma)
+    else:
+        raise ValueError(f"unknown kill rule {kill!r}; valid choices: {list(KILL_STRATEGIES)}")
+    dead = keep_one_alive(theta, before, was_dead | (theta == 0) | new)  # never 0 channels
+    theta[dead] = 0
+    return dead & ~was_dead

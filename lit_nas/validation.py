@@ -1,0 +1,13 @@
+"""One phrasing for a bad choice, so every callback and config names the value and the valid choices."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def check_choice(who: str, argument: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise ``ValueError("<who> <argument> must be one of [...]; got <value>")`` unless ``value`` is one."""
+    valid = list(choices)
+    if value not in valid:
+        raise ValueError(f"{who} {argument} must be one of {valid}; got {value!r}")
