@@ -5,6 +5,7 @@ Not an algorithm: the small file-placement helpers the callbacks share.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,44 @@ def artifact_dir(trainer: L.Trainer) -> Path:
             if isinstance(logger, WandbLogger):
                 return Path(logger.experiment.dir)
     return Path(log_dir or trainer.default_root_dir)
+
+
+def log_picture(
+    trainer: L.Trainer,
+    key: str,
+    name: str,
+    draw: Callable[[Path], Path],
+    always: bool = False,
+    path: Path | None = None,
+) -> Path | None:
+    """Draw a picture and log it to every W&B logger as the image ``key`` at the current step.
+
+    The one directory rule: ``<artifact_dir>/<algorithm>/<name>``, the algorithm being ``key``'s prefix
+    (``snip/connectivity`` -> ``snip/``), unless ``path`` says where. Without a W&B logger nothing is drawn
+    (nobody would look) unless ``always``. Every rank must call it (the directory may be a collective); rank
+    0 draws and logs.
+
+    Args:
+        trainer: the trainer.
+        key: the W&B key, ``<algorithm>/<what>``.
+        name: the file name.
+        draw: writes the picture to the path it is given and returns the path.
+        always: draw even without a W&B logger (the file is an output of its own).
+        path: the file to write instead of the rule's.
+
+    Returns:
+        The file written (rank 0), or ``None``.
+    """
+    wandb = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not wandb and not always:
+        return None
+    target = path if path is not None else artifact_dir(trainer) / key.split("/")[0] / name
+    if not trainer.is_global_zero:
+        return None
+    png = draw(target)
+    for logger in wandb:
+        logger.log_image(key, images=[str(png)], step=trainer.global_step)
+    return png
 
 
 def write_found(trainer: L.Trainer, module: NASModule) -> tuple[Path, Path | None] | None:

@@ -19,13 +19,14 @@ import logging
 import math
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from typing_extensions import override
 
-from callbacks.artifacts import artifact_dir
+from callbacks.artifacts import artifact_dir, log_picture
 from device_bench.export import PRECISIONS, export_tflite
 from device_bench.pipeline import format_report, measure
 from device_bench.runners import BenchSettings, DeviceError, make_runner
@@ -61,11 +62,11 @@ class DeviceBench(L.Callback):
 
     def __init__(
         self,
-        runner: str = "local",
+        runner: Literal["local", "ssh"] = "local",
         host: str | None = None,
         ssh_config: str | None = None,
         remote_python: str = "python3",
-        precisions: list[str] | None = None,
+        precisions: list[Literal["fp32", "int8"]] | None = None,
         runs: int = 50,
         passes: int = 3,
         warmup_s: float = 1.0,
@@ -111,6 +112,7 @@ class DeviceBench(L.Callback):
         self.report: dict[str, Any] | None = None
         self.report_path: Path | None = None
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the model and the datamodule offer what the benchmark needs."""
         require_nas_module(pl_module, "DeviceBench")
@@ -152,6 +154,7 @@ class DeviceBench(L.Callback):
         x, y = torch.cat(xs), torch.cat(ys)
         return (x, y) if limit is None else (x[:limit], y[:limit])
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Export, time, evaluate, write and log; never raise for a device or export failure."""
         if trainer.fast_dev_run or trainer.interrupted:
@@ -194,6 +197,7 @@ class DeviceBench(L.Callback):
         self._log(trainer, report)
         print("\n" + self.summary())
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Repeat the table after the post-fit test, so a run's output ends with it.
 
@@ -231,8 +235,14 @@ class DeviceBench(L.Callback):
                     columns=columns,
                     data=[[r[c] for c in columns] for r in report["exits"]],
                 )
-                png = plot_latency_accuracy(report, self.report_path.with_suffix(".png"))
-                logger.log_image("device_bench/latency_accuracy", [str(png)])
+        if "exits" in report and self.report_path is not None:
+            log_picture(
+                trainer,
+                "device_bench/latency_accuracy",
+                self.report_path.with_suffix(".png").name,
+                lambda path: plot_latency_accuracy(report, path),
+                path=self.report_path.with_suffix(".png"),
+            )
 
 
 def plot_latency_accuracy(report: dict[str, Any], path: Path) -> Path:

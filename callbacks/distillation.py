@@ -19,9 +19,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lit_nas.distill import load_teacher, soft_kl
+from lit_nas.distill import kd_loss, load_teacher, soft_kl
 from lit_nas.nets.base import ExitLogits
-from lit_nas.protocol import NASModule, require_nas_module
+from lit_nas.protocol import NASModule, nas, require_nas_module
 
 _WHO = "Distillation"
 _TERM = "distill/loss_delta"
@@ -84,6 +84,12 @@ class Distillation(Callback):
         self._module: NASModule | None = None
         self._last_kl: Tensor | None = None  # the step's weighted soft term, logged after the step
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # two distillations (a teacher and self-distillation) can run side by side; the teacher names each
+        return self._generate_state_key(teacher=self.teacher_path, self_distill=self.self_distill)
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         module = require_nas_module(pl_module, _WHO)
@@ -114,7 +120,7 @@ class Distillation(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            pl_module.remove_loss_term(_TERM)  # type: ignore[attr-defined]
+            nas(pl_module).remove_loss_term(_TERM)
 
     def _teacher_logits(self, images: Tensor, outputs: ExitLogits) -> Tensor:
         if self.self_distill:
@@ -128,16 +134,18 @@ class Distillation(Callback):
     def _term(self, images: Tensor, targets: Tensor, outputs: ExitLogits) -> Tensor:
         """``sum_e w_e (KD_e - CE_e)`` over the distilled exits: added to the module's ``sum_e w_e CE_e``."""
         teacher = self._teacher_logits(images, outputs)
-        weights = self._module.exit_weights()  # type: ignore[union-attr]
+        if self._module is None:
+            raise RuntimeError(f"{_WHO}: the loss term runs before setup()")
+        weights = self._module.exit_weights()
         exits = outputs.exits[:-1] if self.self_distill else outputs.exits
         delta = outputs.final.new_zeros(())
         soft = outputs.final.new_zeros(())
         for e in exits:
             logits = outputs[e]
-            kl = soft_kl(logits, teacher, self.temperature)
-            hard = F.cross_entropy(logits, targets)
-            delta = delta + weights[e] * ((self.lam - 1) * hard + (1 - self.lam) * self.temperature**2 * kl)
-            soft = soft + weights[e] * kl.detach()
+            kd = kd_loss(logits, teacher, targets, self.lam, self.temperature)
+            delta = delta + weights[e] * (kd - F.cross_entropy(logits, targets))
+            with torch.no_grad():
+                soft = soft + weights[e] * soft_kl(logits, teacher, self.temperature)
         self._last_kl = soft if exits else None
         return delta
 

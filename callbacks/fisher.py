@@ -20,22 +20,22 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from device_bench.lut import LatencyLUT, channel_latency
+from callbacks.artifacts import log_picture
 from lit_nas.cost import CostReport, channel_flops, count_costs
-from lit_nas.gates import attach_gates, gated_groups
+from lit_nas.fisher import FisherAccumulator, select_channels
+from lit_nas.gates import attach_gates, close_channels, gated_groups
+from lit_nas.latency import LatencyLUT, channel_latency
 from lit_nas.plots import channel_chart
-from lit_nas.protocol import NASModule, require_nas_module
-from lit_nas.pruning import FisherAccumulator, select_channels
+from lit_nas.protocol import NASModule, nas, require_nas_module
 from lit_nas.surgery import collect_gated
+from lit_nas.validation import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class FisherPruning(Callback):
         per_step: channels gated off at each event.
         cost: ``none`` ranks by ``Delta_k``; ``flops`` by ``Delta_k`` over the FLOPs one channel of its group
             costs (:func:`lit_nas.cost.channel_flops`); ``latency`` by ``Delta_k`` over the latency one
-            channel costs, predicted by the look-up tables ``lut`` (:func:`device_bench.lut.channel_latency`,
+            channel costs, predicted by the look-up tables ``lut`` (:func:`lit_nas.latency.channel_latency`,
             Liège thesis section 4.4.2).
         stop_at: what the target measures: ``channels`` (live channels in the pruned groups), ``params``,
             ``flops`` (to the last exit) or ``latency`` (predicted by ``lut``, full model, milliseconds).
@@ -72,7 +72,7 @@ class FisherPruning(Callback):
         scope: ``all`` channel groups, or ``inner``: only the inner width of each residual cell
             (``cell<i>.mid``), as Crowley et al. did, so the residual streams keep their width.
         start_epoch: first epoch (0-based) whose steps accumulate the signal (a pretraining phase before).
-        lut: latency look-up tables (JSON of :class:`device_bench.lut.LatencyLUT`) for the ``latency``
+        lut: latency look-up tables (JSON of :class:`lit_nas.latency.LatencyLUT`) for the ``latency``
             cost or target; they must cover the network's layers.
     """
 
@@ -80,11 +80,11 @@ class FisherPruning(Callback):
         self,
         every_n_steps: int = 100,
         per_step: int = 1,
-        cost: str = "none",
-        stop_at: str = "channels",
+        cost: Literal["none", "flops", "latency"] = "none",
+        stop_at: Literal["channels", "params", "flops", "latency"] = "channels",
         target_fraction: float | None = None,
         target_value: float | None = None,
-        scope: str = "all",
+        scope: Literal["all", "inner"] = "all",
         start_epoch: int = 0,
         lut: str | None = None,
     ) -> None:
@@ -93,10 +93,8 @@ class FisherPruning(Callback):
             raise ValueError(f"FisherPruning every_n_steps must be an integer >= 1; got {every_n_steps!r}")
         if not isinstance(per_step, int) or per_step < 1:
             raise ValueError(f"FisherPruning per_step must be an integer >= 1; got {per_step!r}")
-        if cost not in COSTS:
-            raise ValueError(f"unknown FisherPruning cost {cost!r}; valid choices: {list(COSTS)}")
-        if stop_at not in TARGETS:
-            raise ValueError(f"unknown FisherPruning stop_at {stop_at!r}; valid choices: {list(TARGETS)}")
+        check_choice(_WHO, "cost", cost, COSTS)
+        check_choice(_WHO, "stop_at", stop_at, TARGETS)
         self.lut: LatencyLUT | None = None
         if "latency" in (cost, stop_at):
             if lut is None:
@@ -116,8 +114,7 @@ class FisherPruning(Callback):
             raise ValueError(f"FisherPruning target_fraction must lie in (0, 1); got {target_fraction}")
         if target_value is not None and target_value <= 0:
             raise ValueError(f"FisherPruning target_value must be > 0; got {target_value}")
-        if scope not in SCOPES:
-            raise ValueError(f"unknown FisherPruning scope {scope!r}; valid choices: {list(SCOPES)}")
+        check_choice(_WHO, "scope", scope, SCOPES)
         if not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"FisherPruning start_epoch must be an integer >= 0; got {start_epoch!r}")
         self.every_n_steps = every_n_steps
@@ -164,7 +161,7 @@ class FisherPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        module = nas(pl_module)
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             raise ValueError(f"{_WHO} accumulates its signal on one process; train on one device")
         groups = self.groups(module)
@@ -223,7 +220,7 @@ class FisherPruning(Callback):
             return
         self.steps += 1
         if self.steps % self.every_n_steps == 0:
-            self._prune(trainer, pl_module)  # type: ignore[arg-type]
+            self._prune(trainer, nas(pl_module))
 
     # -- the prune event ----------------------------------------------------------------------------------
     def _prune(self, trainer: L.Trainer, module: NASModule) -> None:
@@ -238,9 +235,7 @@ class FisherPruning(Callback):
         elif self.cost == "latency" and self.lut is not None:
             costs = channel_latency(self.lut, self._collected(module))
         chosen = select_channels(scores, live, self.per_step, costs)
-        with torch.no_grad():
-            for group, k in chosen:
-                gates[group][k] = 0.0
+        close_channels(module.net, chosen)
         self._acc.reset()
         probe = self._collected(module)  # what the network is once collected: one copy for every figure
         report = count_costs(probe)
@@ -253,7 +248,7 @@ class FisherPruning(Callback):
             ("fisher/pruned", sum(len(c) for _, c, _ in self.history)),
             *([("fisher/latency_ms", self.lut.predict(probe.spec))] if self.lut is not None else []),
         ):
-            module.log(key, float(v), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+            module.log(key, float(v), on_step=True, on_epoch=False)
         if self.target is not None and value <= self.target:
             self._finish(module, f"target met: {self.stop_at} {self._fmt(value)} <= {self._fmt(self.target)}")
         elif not chosen:
@@ -295,18 +290,17 @@ class FisherPruning(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        wandb = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if not wandb or not trainer.is_global_zero or self._acc is None:
+        if self._acc is None:
             return
         gates = gated_groups(pl_module.net)
         live = {g: int((gates[g] != 0).sum()) for g in self._acc.groups if g in gates}
-        png = channel_chart(
-            live,
-            Path(wandb[0].experiment.dir) / "fisher" / f"live_epoch{trainer.current_epoch:03d}.png",
-            title=f"live channels, epoch {trainer.current_epoch}",
+        epoch = trainer.current_epoch
+        log_picture(
+            trainer,
+            "fisher/channels_chart",
+            f"live_epoch{epoch:03d}.png",
+            lambda path: channel_chart(live, path, title=f"live channels, epoch {epoch}"),
         )
-        for logger in wandb:
-            logger.log_image("fisher/channels_chart", images=[str(png)], step=trainer.global_step)
 
     # -- state --------------------------------------------------------------------------------------------
     @override

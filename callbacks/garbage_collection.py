@@ -15,14 +15,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from callbacks.artifacts import write_found
+from callbacks.artifacts import log_picture, write_found
 from lit_nas.gates import gated_groups
 from lit_nas.plots import channel_chart
-from lit_nas.protocol import NASModule, require_nas_module
+from lit_nas.protocol import NASModule, nas, require_nas_module
 from lit_nas.surgery import collect_gated
 
 log = logging.getLogger(__name__)
@@ -98,9 +97,11 @@ class GarbageCollection(Callback):
     def _collect(
         self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool, log_metrics: bool = True
     ) -> None:
-        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        module = nas(pl_module)
         removed = collect(module, trainer.optimizers)
         if not removed:
+            # the normal case while no gate has closed yet: say it at debug level only
+            log.debug("GarbageCollection at epoch %d: no dead channel to remove", trainer.current_epoch)
             return
         costs = module.costs()
         last = module.arch_spec.exit_blocks(active_only=False)[-1]
@@ -121,7 +122,7 @@ class GarbageCollection(Callback):
         # a last collection, so the architecture written is the one found (gates may have closed since)
         self._collect(trainer, pl_module, on_step=False, log_metrics=False)
         if self.history and not trainer.fast_dev_run:
-            written = write_found(trainer, pl_module)  # type: ignore[arg-type]  (every rank)
+            written = write_found(trainer, nas(pl_module))  # every rank
             if written is not None:
                 self.found_paths = written
                 print(f"GarbageCollection: architecture found -> {written[0]}")
@@ -133,13 +134,8 @@ class GarbageCollection(Callback):
         ]
         lines += [f"  {name}: {sizes[name] + n} -> {sizes[name]}" for name, n in removed.items()]
         print("\n".join(lines))
-        wandb = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if wandb and trainer.is_global_zero:
-            png = channel_chart(
-                sizes, Path(wandb[0].experiment.dir) / "gc" / f"channels_step{trainer.global_step:06d}.png"
-            )
-            for logger in wandb:
-                logger.log_image("gc/channels", images=[str(png)], step=trainer.global_step)
+        name = f"channels_step{trainer.global_step:06d}.png"
+        log_picture(trainer, "gc/channels", name, lambda path: channel_chart(sizes, path))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing_extensions import override
 
 from lit_nas.cost import COST_COLUMNS, CostReport, cost_rows, format_costs
 from lit_nas.growing import GROW_INITS, active_blocks_at, check_growable, identity_init, validate_grow_epochs
-from lit_nas.protocol import NASModule, require_nas_module
+from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.validation import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ class Growing(Callback):
 
     def __init__(self, grow_epochs: list[int], init: Literal["random", "identity"] = "random") -> None:
         super().__init__()
-        if init not in GROW_INITS:
-            raise ValueError(f"Growing init must be one of {list(GROW_INITS)}; got {init!r}")
+        check_choice("Growing", "init", init, GROW_INITS)
         self.grow_epochs = validate_grow_epochs(grow_epochs)
         self.init = init
         #: ``(block, epoch)`` of every activation so far.
@@ -76,7 +76,7 @@ class Growing(Callback):
                 "Growing keeps inactive blocks out of the loss, which DDP rejects unless told: use "
                 "strategy 'ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True))"
             )
-        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        module = nas(pl_module)
         # Fresh run: block 0 only. Resumed run: the restored count (the checkpoint's ArchSpec says the same).
         if not self._restored:
             self.history = []
@@ -93,7 +93,7 @@ class Growing(Callback):
     # -- growth -----------------------------------------------------------------------------------------
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        module: NASModule = pl_module  # type: ignore[assignment]
+        module = nas(pl_module)
         target = active_blocks_at(trainer.current_epoch, self.grow_epochs)
         grown = []
         while module.active_blocks < target:

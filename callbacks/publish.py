@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_nas.runs import best_checkpoint, copy_atomically, replace_atomically
+from lit_nas.validation import check_choice
 
 MODES = ("max", "min")
 
@@ -37,16 +38,21 @@ class PublishBest(Callback):
             ``ModelCheckpoint`` monitor.
     """
 
-    def __init__(self, path: str, mode: str = "max") -> None:
+    def __init__(self, path: str, mode: Literal["max", "min"] = "max") -> None:
         super().__init__()
         if not path:
             raise ValueError("PublishBest path must be a file path; got an empty string")
-        if mode not in MODES:
-            raise ValueError(f"PublishBest mode must be one of {list(MODES)}; got {mode!r}")
+        check_choice("PublishBest", "mode", mode, MODES)
         self.path = Path(path)
         self.mode = mode
         #: what happened at fit end: ``published``, ``kept`` or ``nothing``
         self.outcome: str | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # one instance per published path
+        return self._generate_state_key(path=str(self.path))
 
     @property
     def record(self) -> Path:
@@ -78,13 +84,15 @@ class PublishBest(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.fast_dev_run:
             return
-        ckpt = trainer.checkpoint_callback
+        ckpt = trainer.checkpoint_callback  # a ModelCheckpoint with a monitor (checked in setup)
         best = best_checkpoint(trainer, warn=False)
-        if best is None or ckpt.best_model_score is None:  # type: ignore[union-attr]
+        monitor = getattr(ckpt, "monitor", None)
+        best_score = getattr(ckpt, "best_model_score", None)
+        if best is None or best_score is None:
             self.outcome = "nothing"
-            print(f"PublishBest: no checkpoint with a finite {ckpt.monitor}; {self.path} left unchanged")  # type: ignore[union-attr]
+            print(f"PublishBest: no checkpoint with a finite {monitor}; {self.path} left unchanged")
             return
-        score = float(ckpt.best_model_score)  # type: ignore[union-attr]
+        score = float(best_score)
         if self.path.exists() and not self.record.is_file():
             self.outcome = "kept"
             print(f"PublishBest: {self.path} exists without its score record {self.record}; left unchanged")
@@ -92,16 +100,14 @@ class PublishBest(Callback):
         old = self.published_score()
         if not self.better(score, old):
             self.outcome = "kept"
-            print(f"PublishBest: {self.path} kept ({ckpt.monitor} {old:.4f}); this run's best is {score:.4f}")  # type: ignore[union-attr]
+            print(f"PublishBest: {self.path} kept ({monitor} {old:.4f}); this run's best is {score:.4f}")
             return
         copy_atomically(best, self.path)
         tmp = self.record.with_name(self.record.name + ".tmp")
-        tmp.write_text(
-            json.dumps({"monitor": ckpt.monitor, "mode": self.mode, "score": score, "source": best})
-        )  # type: ignore[union-attr]
+        tmp.write_text(json.dumps({"monitor": monitor, "mode": self.mode, "score": score, "source": best}))
         replace_atomically(tmp, self.record)
         self.outcome = "published"
-        print(f"PublishBest: {best} ({ckpt.monitor} {score:.4f}) -> {self.path}")  # type: ignore[union-attr]
+        print(f"PublishBest: {best} ({monitor} {score:.4f}) -> {self.path}")
 
     @override
     def state_dict(self) -> dict[str, Any]:

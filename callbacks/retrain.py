@@ -14,7 +14,7 @@ Example (YAML)::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -22,9 +22,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lit_nas.gates import gated_groups
-from lit_nas.nets import build_net
-from lit_nas.protocol import NASModule, require_nas_module
+from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.reinit import changed_layers, fresh_weights, restart, weights
+from lit_nas.validation import check_choice
 
 INITS = ("random", "rewind")
 _WHO = "RetrainFromScratch"
@@ -64,13 +64,16 @@ class RetrainFromScratch(Callback):
     """
 
     def __init__(
-        self, epoch: int, init: str = "random", rewind_epoch: int | None = None, seed: int | None = None
+        self,
+        epoch: int,
+        init: Literal["random", "rewind"] = "random",
+        rewind_epoch: int | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(epoch, int) or epoch < 1:
             raise ValueError(f"RetrainFromScratch epoch must be an integer >= 1; got {epoch!r}")
-        if init not in INITS:
-            raise ValueError(f"unknown RetrainFromScratch init {init!r}; valid choices: {list(INITS)}")
+        check_choice(_WHO, "init", init, INITS)
         if init == "rewind" and (not isinstance(rewind_epoch, int) or not 0 <= rewind_epoch < epoch):
             raise ValueError(
                 f"RetrainFromScratch init: rewind needs rewind_epoch in 0..{epoch - 1} (before the restart "
@@ -99,7 +102,7 @@ class RetrainFromScratch(Callback):
             )
         if not self.restarted:
             self._check_schedules(trainer)
-        pl_module.set_search_pending(_WHO, not self.restarted)  # type: ignore[attr-defined]
+        nas(pl_module).set_search_pending(_WHO, not self.restarted)
 
     def _check_schedules(self, trainer: L.Trainer) -> None:
         late = {}
@@ -120,10 +123,10 @@ class RetrainFromScratch(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        module = nas(pl_module)
         epoch = trainer.current_epoch
         if self.init == "rewind" and epoch == self.rewind_epoch and self.rewind_state is None:
-            self.rewind_state = {k: v.detach().cpu().clone() for k, v in _weights(module).items()}
+            self.rewind_state = {k: v.detach().cpu().clone() for k, v in weights(module.net).items()}
         if epoch >= self.epoch and not self.restarted:
             pending = sorted(module.pending_searches() - {_WHO})
             if not pending:
@@ -138,29 +141,21 @@ class RetrainFromScratch(Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.restarted and not trainer.fast_dev_run:
+            pending = sorted(nas(pl_module).pending_searches() - {_WHO})
             rank_zero_warn(
-                f"{_WHO}: training never restarted: the searches "
-                f"{sorted(pl_module.pending_searches() - {_WHO})} did not finish before the end "  # type: ignore[attr-defined]
+                f"{_WHO}: training never restarted: the searches {pending} did not finish before the end "
                 "(the network tested is the searched one, not a retrained one)"
             )
 
     def _restart(self, trainer: L.Trainer, module: NASModule) -> None:
         masks = module.masks()
-        current = _weights(module)
         if self.init == "random":
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                fresh = build_net(module.arch_spec).state_dict()
-            new = {k: fresh[k] for k in current}
+            new = fresh_weights(module.arch_spec, seed)
         else:
             if self.rewind_state is None:
                 raise RuntimeError(f"{_WHO}: no weights were saved at epoch {self.rewind_epoch}")
-            changed = [
-                k
-                for k, v in current.items()
-                if k not in self.rewind_state or self.rewind_state[k].shape != v.shape
-            ]
+            changed = changed_layers(weights(module.net), self.rewind_state)
             if changed:
                 raise ValueError(
                     f"{_WHO}: cannot rewind to epoch {self.rewind_epoch}: layers changed shape since "
@@ -168,16 +163,12 @@ class RetrainFromScratch(Callback):
                     "the last change"
                 )
             new = self.rewind_state
-        with torch.no_grad():
-            for k, v in current.items():
-                v.copy_(new[k].to(device=v.device, dtype=v.dtype))
-            for gate in gated_groups(module.net).values():
-                gate.copy_((gate != 0).to(gate.dtype))  # live gates back to 1, closed ones stay closed
+        restart(module.net, new)
         module.set_masks(masks)  # pruned weights back to exactly zero
         trainer.strategy.setup_optimizers(trainer)  # fresh optimizer state and LR schedule
         self.restarted = True
         module.set_search_pending(_WHO, False)
-        module.log("retrain/started_epoch", float(trainer.current_epoch), on_step=False, on_epoch=True)  # type: ignore[attr-defined]
+        module.log("retrain/started_epoch", float(trainer.current_epoch), on_step=False, on_epoch=True)
         print(
             f"\n{_WHO}: training restarts at epoch {trainer.current_epoch} ({self.init}"
             + (f" to epoch {self.rewind_epoch}" if self.init == "rewind" else "")
@@ -192,12 +183,3 @@ class RetrainFromScratch(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.restarted = bool(state_dict["restarted"])
         self.rewind_state = state_dict["rewind_state"]
-
-
-def _weights(module: NASModule) -> dict[str, torch.Tensor]:
-    """The network's parameters and BatchNorm statistics, without masks and gates (the architecture)."""
-    return {
-        k: v
-        for k, v in module.net.state_dict(keep_vars=True).items()
-        if not k.endswith("_mask") and not k.startswith("gates.")
-    }

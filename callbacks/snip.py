@@ -16,7 +16,7 @@ import logging
 from contextlib import nullcontext
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
@@ -25,11 +25,11 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 from typing_extensions import override
 
-from callbacks.artifacts import artifact_dir, write_found
+from callbacks.artifacts import log_picture, write_found
 from lit_nas.masks import connectivity_map, kept_count
 from lit_nas.nets.base import ExitLogits
-from lit_nas.protocol import NASModule, require_nas_module
-from lit_nas.pruning import (
+from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.snip import (
     KEEP_SCHEDULES,
     PruneSchedule,
     keep_ratio_steps,
@@ -37,6 +37,7 @@ from lit_nas.pruning import (
     snip_block_masks,
     snip_scores,
 )
+from lit_nas.validation import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,14 @@ class SnipPruning(Callback):
     ``iterative`` reaches the ratio in ``steps`` prunings, at the next pruning events. The events are
     ``prune_epochs`` when given (the thesis: ``[10, 35, 60, 85, 95, 105, 115]``); by default an event is the
     epoch a block becomes eligible, and once every block has been pruned once, every ``after_epochs``
-    epochs while a block still has steps to go (:class:`lit_nas.pruning.PruneSchedule`). With growth at
+    epochs while a block still has steps to go (:class:`lit_nas.snip.PruneSchedule`). With growth at
     25/50/75 that gives 10/35/60/85 (one-shot) and 10/35/60/85/95/105 (3 steps). The work happens before
     the first training batch of the epoch, after every ``on_train_epoch_start`` (so the callbacks' order
     does not matter).
 
     **What.** Scope: the conv and linear weights of each block (the stem is in block 0), plus its exit's
     with ``include_exits``. Ranking is local to each block: it keeps exactly ``round(ratio * weights)`` of
-    them. Intermediate ratios follow :func:`lit_nas.pruning.keep_ratio_steps` (geometric by default: every
+    them. Intermediate ratios follow :func:`lit_nas.snip.keep_ratio_steps` (geometric by default: every
     step removes the same fraction of the survivors). A step scores only the survivors and never revives a
     pruned weight. Scores use the current weights (``reinit: false``, thesis section 4.2) or, as original
     SNIP, a fresh He-normal re-initialisation that is undone after scoring (``reinit: true``).
@@ -115,8 +116,7 @@ class SnipPruning(Callback):
             raise ValueError(
                 f"SnipPruning keep_ratio must be in (0, 1] (one or one per block); got {keep_ratio}"
             )
-        if mode not in MODES:
-            raise ValueError(f"SnipPruning mode must be one of {list(MODES)}; got {mode!r}")
+        check_choice("SnipPruning", "mode", mode, MODES)
         if mode == "one_shot" and steps not in (None, 1):
             raise ValueError(
                 f"SnipPruning mode 'one_shot' prunes once; got steps={steps} (use mode: iterative)"
@@ -124,8 +124,7 @@ class SnipPruning(Callback):
         steps = 1 if mode == "one_shot" else (3 if steps is None else steps)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"SnipPruning steps must be an integer >= 1; got {steps!r}")
-        if schedule not in KEEP_SCHEDULES:
-            raise ValueError(f"SnipPruning schedule must be one of {list(KEEP_SCHEDULES)}; got {schedule!r}")
+        check_choice("SnipPruning", "schedule", schedule, KEEP_SCHEDULES)
         if not isinstance(after_epochs, int) or after_epochs < 0:
             raise ValueError(f"SnipPruning after_epochs must be an integer >= 0; got {after_epochs!r}")
         if prune_epochs is not None:
@@ -139,10 +138,7 @@ class SnipPruning(Callback):
                     f"SnipPruning prune_epochs must be non-negative integers, strictly increasing; got "
                     f"{prune_epochs}"
                 )
-        if criterion_loss not in CRITERION_LOSSES:
-            raise ValueError(
-                f"SnipPruning criterion_loss must be one of {list(CRITERION_LOSSES)}; got {criterion_loss!r}"
-            )
+        check_choice("SnipPruning", "criterion_loss", criterion_loss, CRITERION_LOSSES)
         if criterion_batch_size < 1 or criterion_batches < 1:
             raise ValueError(
                 f"SnipPruning criterion_batch_size and criterion_batches must be >= 1; got "
@@ -244,7 +240,7 @@ class SnipPruning(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._restored:  # a fresh run: forget any previous fit of this callback object
             self.activated, self.history, self._checked_epoch = {}, [], -1
-        self._update_pending(pl_module)  # type: ignore[arg-type]
+        self._update_pending(nas(pl_module))
 
     def _update_pending(self, module: NASModule) -> None:
         done = self.steps_done
@@ -260,7 +256,7 @@ class SnipPruning(Callback):
         if epoch == self._checked_epoch:
             return
         self._checked_epoch = epoch
-        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        module = nas(pl_module)
         for b in range(module.active_blocks):
             self.activated.setdefault(b, epoch)
         last_event = self.history[-1][0] if self.history else None
@@ -275,19 +271,21 @@ class SnipPruning(Callback):
     def _loss(self, out: ExitLogits, y: Tensor) -> Tensor:
         if self.criterion_loss == "final":
             return nn.functional.cross_entropy(out.logits[-1], y)
-        return sum(nn.functional.cross_entropy(lg, y) for lg in out.logits)  # type: ignore[return-value]
+        total = out.final.new_zeros(())  # summed in exit order, as sum() would
+        for lg in out.logits:
+            total = total + nn.functional.cross_entropy(lg, y)
+        return total
 
     def _prune(self, trainer: L.Trainer, module: NASModule, blocks: list[int], epoch: int) -> None:
         scope = module.prunable_weights(self.include_exits)
         params = {n: p for b in blocks for n, p in scope[b].items()}
         current = module.masks()
-        batches = trainer.datamodule.criterion_batches(  # type: ignore[union-attr]
-            self.criterion_batches, self.criterion_batch_size, seed=epoch
-        )
+        data: Any = trainer.datamodule  # has criterion_batches (checked in setup)
+        batches = data.criterion_batches(self.criterion_batches, self.criterion_batch_size, seed=epoch)
         device = next(iter(params.values())).device
         gen = torch.Generator(device=device).manual_seed(1_000_003 * (epoch + 1))
         with reinitialized(params, current, gen) if self.reinit else nullcontext():
-            scores = snip_scores(module, batches, self._loss, params)  # type: ignore[arg-type]
+            scores = snip_scores(cast(nn.Module, module), batches, self._loss, params)
         ratios = self.ratios(module.arch_spec.num_blocks)
         done = self.steps_done
         new: dict[str, Tensor] = {}
@@ -322,7 +320,15 @@ class SnipPruning(Callback):
 
     def _report(self, trainer: L.Trainer, module: NASModule, rows: list[tuple], epoch: int) -> None:
         cmap = connectivity_map(module.net, module.masks(), prefix="net.")
-        directory = artifact_dir(trainer)  # on every rank (a collective under DDP)
+        dead = cmap.dead_edges
+        title = f"epoch {epoch}: kept fraction per edge, {len(dead)}/{cmap.num_edges} edges dead"
+        png = log_picture(  # on every rank (the directory is a collective under DDP)
+            trainer,
+            "snip/connectivity",
+            f"connectivity_epoch{epoch:03d}.png",
+            lambda path: cmap.save_png(path, title=title),
+            always=True,
+        )
         if not trainer.is_global_zero:
             return
         lines = [f"\nSnipPruning at epoch {epoch} ({self.mode}, reinit={self.reinit}):"]
@@ -330,18 +336,12 @@ class SnipPruning(Callback):
             f"  block {b}: step {s}/{self.steps}, keep {t:.3f} -> {k:,}/{n:,} weights kept"
             for _, b, s, t, k, n in rows
         ]
-        dead = cmap.dead_edges
         lines.append(f"  dead edges: {len(dead)}/{cmap.num_edges}" + (f" {dead}" if dead else ""))
-        png = cmap.save_png(
-            directory / "snip" / f"connectivity_epoch{epoch:03d}.png",
-            title=f"epoch {epoch}: kept fraction per edge, {len(dead)}/{cmap.num_edges} edges dead",
-        )
         lines.append(f"  connectivity map: {png}")
         print("\n".join(lines))
         log.info("\n".join(lines))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("snip/connectivity", images=[str(png)], step=trainer.global_step)
                 logger.log_table(
                     "snip/connectivity_table",
                     columns=["target", *cmap.sources],
@@ -351,7 +351,7 @@ class SnipPruning(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        module: NASModule = pl_module  # type: ignore[assignment]
+        module = nas(pl_module)
         done = self.steps_done
         unfinished = {
             b: done.get(b, 0) for b in range(module.arch_spec.num_blocks) if done.get(b, 0) < self.steps

@@ -14,29 +14,21 @@ Example (YAML)::
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 from typing_extensions import override
 
+from callbacks.artifacts import log_picture
 from lit_nas.gates import attach_gates, gated_groups
+from lit_nas.masks import mask_optimizer_state
 from lit_nas.plots import live_heatmap
-from lit_nas.protocol import NASModule, require_nas_module
-from lit_nas.switches import (
-    KILL_STRATEGIES,
-    UPDATES,
-    SignWindow,
-    keep_one_alive,
-    sign_change_kills,
-    sign_variance_kills,
-    soft_threshold,
-    threshold_kills,
-)
+from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.switches import KILL_STRATEGIES, UPDATES, SignWindow, switch_step
+from lit_nas.validation import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -86,30 +78,27 @@ class SwitchL1(Callback):
     def __init__(
         self,
         lam: float = 1e-4,
-        update: str = "proximal",
-        kill: str = "threshold",
+        update: Literal["proximal", "subgradient"] = "proximal",
+        kill: Literal["threshold", "sign_change", "sign_variance"] = "threshold",
         tau: float = 1e-3,
         gamma: float = 0.5,
         window: int = 50,
-        scope: str = "all",
+        scope: Literal["all", "inner"] = "all",
         init: float = 1.0,
         until_epoch: int | None = None,
     ) -> None:
         super().__init__()
         if not lam >= 0:
             raise ValueError(f"SwitchL1 lam (the L1 strength) must be >= 0; got {lam}")
-        if update not in UPDATES:
-            raise ValueError(f"unknown SwitchL1 update {update!r}; valid choices: {list(UPDATES)}")
-        if kill not in KILL_STRATEGIES:
-            raise ValueError(f"unknown SwitchL1 kill {kill!r}; valid choices: {list(KILL_STRATEGIES)}")
+        check_choice(_WHO, "update", update, UPDATES)
+        check_choice(_WHO, "kill", kill, KILL_STRATEGIES)
         if not tau > 0:
             raise ValueError(f"SwitchL1 tau must be > 0; got {tau}")
         if not 0 < gamma < 1:
             raise ValueError(f"SwitchL1 gamma (a variance of signs) must lie in (0, 1); got {gamma}")
         if not isinstance(window, int) or window < 2:
             raise ValueError(f"SwitchL1 window must be an integer >= 2; got {window!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"unknown SwitchL1 scope {scope!r}; valid choices: {list(SCOPES)}")
+        check_choice(_WHO, "scope", scope, SCOPES)
         if init == 0:
             raise ValueError("SwitchL1 init must be nonzero: a switch at 0 is a dead channel")
         if until_epoch is not None and (not isinstance(until_epoch, int) or until_epoch < 1):
@@ -160,7 +149,7 @@ class SwitchL1(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        module: NASModule = pl_module  # type: ignore[assignment]  (checked in setup)
+        module = nas(pl_module)
         switches = self._switches(module)
         self._groups = {}
         for name, theta in switches.items():
@@ -194,18 +183,18 @@ class SwitchL1(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.remove_loss_term(_LOSS)  # type: ignore[attr-defined]
+        nas(pl_module).remove_loss_term(_LOSS)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.until_epoch is not None and trainer.current_epoch >= self.until_epoch and not self.stopped:
             self.stopped = True
-            for theta in self._switches(pl_module).values():  # type: ignore[arg-type]
+            for theta in self._switches(nas(pl_module)).values():
                 theta.requires_grad_(False)
                 theta.grad = None
-            pl_module.remove_loss_term(_LOSS)  # type: ignore[attr-defined]
-            pl_module.set_search_pending(_WHO, False)  # type: ignore[attr-defined]
-            live = sum(int((t != 0).sum()) for t in self._switches(pl_module).values())  # type: ignore[arg-type]
+            nas(pl_module).remove_loss_term(_LOSS)
+            nas(pl_module).set_search_pending(_WHO, False)
+            live = sum(int((t != 0).sum()) for t in self._switches(nas(pl_module)).values())
             print(f"\n{_WHO}: switches frozen at epoch {trainer.current_epoch}, {live} live channels")
 
     # -- every step ---------------------------------------------------------------------------------------
@@ -215,7 +204,7 @@ class SwitchL1(Callback):
     ) -> None:
         if self.stopped:
             return
-        for theta in self._switches(pl_module).values():  # type: ignore[arg-type]
+        for theta in self._switches(nas(pl_module)).values():
             if theta.grad is not None:
                 theta.grad.mul_(theta.detach() != 0)  # dead switches are frozen
 
@@ -225,36 +214,29 @@ class SwitchL1(Callback):
     ) -> None:
         if self.stopped:
             return
-        for name, theta in self._switches(pl_module).items():  # type: ignore[arg-type]
+        for name, theta in self._switches(nas(pl_module)).items():
             self._step(name, theta, trainer.optimizers)
 
-    @torch.no_grad()
     def _step(self, name: str, theta: nn.Parameter, optimizers: list[torch.optim.Optimizer]) -> None:
         self._follow_collection(name, theta)
-        was_dead = theta == 0
-        before = theta.detach().clone()
-        if self.update == "proximal":
-            theta.copy_(soft_threshold(theta, self._groups[name]["lr"] * self.lam))
-        theta[was_dead] = 0  # frozen, whatever momentum did
-        if self.kill == "threshold":
-            new = threshold_kills(theta, self.tau)
-        elif self.kill == "sign_change":
-            new = sign_change_kills(theta, self._prev_sign[name].to(theta.device))
-        else:
+        window = None
+        if self.kill == "sign_variance":
             window = self._windows.setdefault(name, SignWindow(theta.numel(), self.window, theta.device))
             window.signs = window.signs.to(theta.device)  # restored from a checkpoint on the CPU
-            window.push(theta)
-            new = sign_variance_kills(window, self.gamma)
-        dead = keep_one_alive(theta, before, was_dead | (theta == 0) | new)  # never 0 channels
-        theta[dead] = 0
-        fresh = dead & ~was_dead
-        if bool(fresh.any()):
-            for opt in optimizers:  # momentum / Adam moments of a dead switch would move it again
-                for value in opt.state.get(theta, {}).values():
-                    if isinstance(value, Tensor) and value.shape == theta.shape:
-                        value[fresh] = 0
-        self._prev_sign[name] = torch.sign(theta)
-        self._live[name] = theta != 0
+        fresh = switch_step(
+            theta,
+            update=self.update,
+            kill=self.kill,
+            threshold=self._groups[name]["lr"] * self.lam,
+            tau=self.tau,
+            gamma=self.gamma,
+            previous_sign=self._prev_sign[name].to(theta.device),
+            window=window,
+        )
+        if bool(fresh.any()):  # momentum / Adam moments of a dead switch would move it again
+            mask_optimizer_state(optimizers, [(theta, ~fresh)])
+        self._prev_sign[name] = torch.sign(theta.detach())
+        self._live[name] = theta.detach() != 0
 
     def _follow_collection(self, name: str, theta: nn.Parameter) -> None:
         """Garbage collection removed the dead switches: drop them from the per-switch records too."""
@@ -273,7 +255,7 @@ class SwitchL1(Callback):
     # -- logging ------------------------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        switches = self._switches(pl_module)  # type: ignore[arg-type]
+        switches = self._switches(nas(pl_module))
         live = {g: int((t != 0).sum()) for g, t in switches.items()}
         self.history.append((trainer.current_epoch, live))
         pl_module.log("switch/live_channels", float(sum(live.values())), on_step=False, on_epoch=True)
@@ -281,16 +263,15 @@ class SwitchL1(Callback):
         pl_module.log("switch/l1_norm", l1, on_step=False, on_epoch=True)
         for g, n in live.items():
             pl_module.log(f"switch/live/{g}", float(n), on_step=False, on_epoch=True)
-        wandb = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if wandb and trainer.is_global_zero:
-            png = live_heatmap(
-                [h for _, h in self.history],
-                self.initial_sizes or {g: t.numel() for g, t in switches.items()},
-                [e for e, _ in self.history],
-                Path(wandb[0].experiment.dir) / "switch" / f"live_epoch{trainer.current_epoch:03d}.png",
-            )
-            for logger in wandb:
-                logger.log_image("switch/live", images=[str(png)], step=trainer.global_step)
+        sizes = self.initial_sizes or {g: t.numel() for g, t in switches.items()}
+        log_picture(
+            trainer,
+            "switch/live",
+            f"live_epoch{trainer.current_epoch:03d}.png",
+            lambda path: live_heatmap(
+                [h for _, h in self.history], sizes, [e for e, _ in self.history], path
+            ),
+        )
 
     # -- state --------------------------------------------------------------------------------------------
     @override
