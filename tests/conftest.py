@@ -24,6 +24,22 @@ def tiny_net_config() -> NetConfig:
     return NetConfig(**TINY)
 
 
+def tiny_module(seed: int | None = 0, net=None, **kwargs):
+    """The tiny 4-block SDN on 3x16x16 images, 10 classes.
+
+    Args:
+        seed: seeds torch before building (``None``: the random state as it is).
+        net: a NetConfig, or overrides of ``TINY``'s recipe (e.g. ``{"dense": True}``).
+        **kwargs: the other ``MultiExitModule`` arguments.
+    """
+    from lit_nas import MultiExitModule
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    recipe = net if isinstance(net, NetConfig) else NetConfig(**{**TINY, **(net or {})})
+    return MultiExitModule(net=recipe, data_shape=DataShape(3, 16, 10), **kwargs)
+
+
 def tiny_trainer(tmp_path, **kwargs):
     import lightning as L
 

@@ -5,14 +5,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_nas import ArchSpec, DataShape, NetConfig
+from lit_nas import ArchSpec, DataShape
 from lit_nas.data import SyntheticDataModule
 from lit_nas.module import ARCH_KEY, CheckpointArchError, MultiExitModule
-from tests.conftest import TINY, tiny_trainer
-
-
-def make_module():
-    return MultiExitModule(net=NetConfig(**TINY), data_shape=DataShape(3, 16, 10))
+from tests.conftest import tiny_module, tiny_trainer
 
 
 def data():
@@ -34,7 +30,7 @@ def train_and_save(tmp_path, module, epochs=1):
 
 def test_width_change_survives_save_and_load(tmp_path):
     torch.manual_seed(0)
-    m = make_module()
+    m = tiny_module(seed=None)
     m.set_arch_spec(narrowed(m), rebuild=True)
     path = train_and_save(tmp_path, m)
 
@@ -52,11 +48,11 @@ def test_width_change_survives_save_and_load(tmp_path):
 
 
 def test_fit_resumes_on_a_changed_network(tmp_path):
-    m = make_module()
+    m = tiny_module(seed=None)
     m.set_arch_spec(narrowed(m), rebuild=True)
     path = train_and_save(tmp_path, m, epochs=1)
 
-    fresh = make_module()  # built from the YAML recipe: the original, wider network
+    fresh = tiny_module(seed=None)  # built from the YAML recipe: the original, wider network
     assert fresh.net.blocks[1].cells[0].conv1.out_channels == 8
     trainer = tiny_trainer(tmp_path / "resume", max_epochs=2)
     trainer.fit(fresh, datamodule=data(), ckpt_path=path)
@@ -75,7 +71,7 @@ def test_resume_matches_uninterrupted_training(tmp_path):
 
     def run(seed, root, resume_from=None, epochs=2):
         L.seed_everything(seed)
-        m = make_module()
+        m = tiny_module(seed=None)
         m.set_arch_spec(narrowed(m), rebuild=True)
         ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
         trainer = tiny_trainer(root, max_epochs=epochs, enable_checkpointing=True, callbacks=[ckpt])
@@ -94,7 +90,7 @@ def test_resume_matches_uninterrupted_training(tmp_path):
 
 
 def test_checkpoint_without_arch_spec_is_rejected(tmp_path):
-    path = train_and_save(tmp_path, make_module())
+    path = train_and_save(tmp_path, tiny_module(seed=None))
     ckpt = torch.load(path, weights_only=True)
     del ckpt[ARCH_KEY]
     torch.save(ckpt, tmp_path / "no_spec.ckpt")
@@ -111,7 +107,7 @@ def test_checkpoint_without_arch_spec_is_rejected(tmp_path):
 
 
 def test_module_trains_a_saved_arch_spec(tmp_path):
-    m = make_module()
+    m = tiny_module(seed=None)
     spec = narrowed(m)
     spec.save(tmp_path / "found.yaml")
     trained = MultiExitModule(arch_spec=str(tmp_path / "found.yaml"), data_shape=DataShape(3, 16, 10))

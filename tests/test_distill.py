@@ -12,7 +12,7 @@ from callbacks import Distillation
 from lit_nas import DataShape, MultiExitModule, NetConfig
 from lit_nas.data import SyntheticDataModule
 from lit_nas.distill import kd_loss, soft_kl
-from tests.conftest import TINY, tiny_trainer
+from tests.conftest import TINY, tiny_module, tiny_trainer
 from tests.conftest import tiny_data as data
 
 
@@ -36,16 +36,9 @@ def test_kd_loss_is_the_formula_on_hand_computed_logits():
     assert float(soft_kl(torch.tensor([teacher]), torch.tensor([teacher]), T)) == pytest.approx(0, abs=1e-7)
 
 
-def tiny(widths=(4, 8, 8), seed=0) -> MultiExitModule:
-    torch.manual_seed(seed)
-    return MultiExitModule(
-        net=NetConfig(**{**TINY, "stage_widths": list(widths)}), data_shape=DataShape(3, 16, 10)
-    )
-
-
 @pytest.fixture
 def teacher_ckpt(tmp_path):
-    teacher = tiny(widths=(8, 16, 16), seed=1)
+    teacher = tiny_module(1, net={"stage_widths": [8, 16, 16]})
     trainer = tiny_trainer(tmp_path / "teacher", max_epochs=1)
     trainer.fit(teacher, datamodule=data())
     path = tmp_path / "teacher.ckpt"
@@ -54,7 +47,7 @@ def teacher_ckpt(tmp_path):
 
 
 def test_the_training_loss_is_eq_5_5_on_every_exit_and_the_teacher_stays_frozen(tmp_path, teacher_ckpt):
-    student = tiny()
+    student = tiny_module()
     kd = Distillation(teacher=str(teacher_ckpt), lam=0.3, temperature=3.0)
     trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[kd])
     trainer.fit(student, datamodule=data())
@@ -81,7 +74,7 @@ def test_the_training_loss_is_eq_5_5_on_every_exit_and_the_teacher_stays_frozen(
 
 
 def test_self_distillation_teaches_the_earlier_exits_with_the_detached_final_one():
-    student = tiny()
+    student = tiny_module()
     kd = Distillation(self_distill=True)
     kd.setup(None, student, "fit")
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
@@ -112,10 +105,10 @@ def test_a_teacher_for_other_data_is_refused(tmp_path):
     trainer.save_checkpoint(tmp_path / "other.ckpt")
     kd = Distillation(teacher=str(tmp_path / "other.ckpt"))
     with pytest.raises(ValueError, match=r"takes 1x16x16 images into 10 classes, the student 3x16x16"):
-        tiny_trainer(tmp_path, callbacks=[kd]).fit(tiny(), datamodule=data())
+        tiny_trainer(tmp_path, callbacks=[kd]).fit(tiny_module(), datamodule=data())
     with pytest.raises(FileNotFoundError, match=r"teacher checkpoint 'nowhere\.ckpt' does not exist"):
         tiny_trainer(tmp_path, callbacks=[Distillation(teacher="nowhere.ckpt")]).fit(
-            tiny(), datamodule=data()
+            tiny_module(), datamodule=data()
         )
 
 

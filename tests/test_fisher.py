@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from callbacks import FisherPruning, GarbageCollection
-from lit_nas import DataShape, MultiExitModule, NetConfig, build_net
+from lit_nas import DataShape, NetConfig, build_net
+from lit_nas.fisher import FisherAccumulator, select_channels
 from lit_nas.gates import attach_gates, gated_groups
-from lit_nas.pruning import FisherAccumulator, select_channels
-from tests.conftest import TINY, tiny_trainer
+from tests.conftest import TINY, tiny_module, tiny_trainer
 from tests.conftest import tiny_data as data
 
 
@@ -64,11 +64,6 @@ def test_selection_takes_the_lowest_ratio_and_never_empties_a_group():
     assert select_channels(scores, live, 3, costs) == [("b", 0), ("b", 1), ("a", 0)]
     with pytest.raises(ValueError, match="group 'a': 3 live flags for 2 scores"):
         select_channels(scores, {**live, "a": torch.ones(3, dtype=torch.bool)}, 1)
-
-
-def tiny_module(**net) -> MultiExitModule:
-    torch.manual_seed(0)
-    return MultiExitModule(net=NetConfig(**{**TINY, **net}), data_shape=DataShape(3, 16, 10))
 
 
 class LiveProbe(L.Callback):
@@ -136,11 +131,11 @@ def test_flops_pruning_resumes_exactly_from_a_collected_checkpoint(tmp_path):
         )
         return fisher, [fisher, GarbageCollection(after_prune=True), ModelCheckpoint(d, save_top_k=-1)]
 
-    ref = tiny_module(dense=True)
+    ref = tiny_module(net=dict(dense=True))
     fisher_ref, cbs = callbacks(tmp_path / "a")
     run(tmp_path / "a", ref, cbs, max_epochs=5)
     assert len(fisher_ref.history) >= 3
-    resumed = tiny_module(dense=True)  # full size: the checkpoint's ArchSpec rebuilds it smaller
+    resumed = tiny_module(net=dict(dense=True))  # full size: the checkpoint's ArchSpec rebuilds it smaller
     fisher_b, cbs = callbacks(tmp_path / "b")
     run(tmp_path / "b", resumed, cbs, max_epochs=5, ckpt_path=str(tmp_path / "a" / "epoch=1-step=8.ckpt"))
     assert resumed.arch_spec == ref.arch_spec
@@ -158,9 +153,9 @@ def test_flops_pruning_resumes_exactly_from_a_collected_checkpoint(tmp_path):
     [
         (
             dict(cost="params"),
-            r"unknown FisherPruning cost 'params'; valid choices: \['none', 'flops', 'latency'\]",
+            r"FisherPruning cost must be one of \['none', 'flops', 'latency'\]; got 'params'",
         ),
-        (dict(stop_at="accuracy"), r"unknown FisherPruning stop_at 'accuracy'; valid choices"),
+        (dict(stop_at="accuracy"), r"FisherPruning stop_at must be one of \[.*\]; got 'accuracy'"),
         (dict(cost="latency"), r"cost='latency', stop_at='channels' need lut: the path of latency look-up"),
         (dict(every_n_steps=0), "every_n_steps must be an integer >= 1; got 0"),
         (dict(per_step=0), "per_step must be an integer >= 1; got 0"),
@@ -168,7 +163,7 @@ def test_flops_pruning_resumes_exactly_from_a_collected_checkpoint(tmp_path):
         (dict(target_value=100), "exactly one of target_fraction and target_value"),
         (dict(target_fraction=1.0), r"target_fraction must lie in \(0, 1\); got 1.0"),
         (dict(target_fraction=None, target_value=-3), "target_value must be > 0; got -3"),
-        (dict(scope="outer"), r"unknown FisherPruning scope 'outer'; valid choices: \['all', 'inner'\]"),
+        (dict(scope="outer"), r"FisherPruning scope must be one of \['all', 'inner'\]; got 'outer'"),
         (dict(start_epoch=-1), "start_epoch must be an integer >= 0; got -1"),
     ],
 )

@@ -13,19 +13,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks import Growing
-from lit_nas import DataShape, NetConfig
+from lit_nas import NetConfig
 from lit_nas.growing import active_blocks_at, identity_init, validate_grow_epochs
 from lit_nas.module import MultiExitModule
 from lit_nas.optim import LRScheduleConfig, OptimizerConfig
-from tests.conftest import TINY, tiny_trainer
+from tests.conftest import TINY, tiny_module, tiny_trainer
 from tests.conftest import tiny_data as data
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_module(**kwargs) -> MultiExitModule:
-    kwargs.setdefault("net", NetConfig(**TINY))  # 4 blocks of one cell each
-    return MultiExitModule(data_shape=DataShape(3, 16, 10), **kwargs)
 
 
 def block_state(module: MultiExitModule, b: int) -> dict[str, torch.Tensor]:
@@ -87,12 +82,12 @@ def test_bad_schedules_are_rejected(epochs, kwargs, message):
 
 def test_bad_schedules_fail_when_the_trainer_starts(tmp_path):
     with pytest.raises(ValueError, match="has 2 entries but the network has 4 blocks"):
-        tiny_trainer(tmp_path, callbacks=[Growing([1, 2])]).fit(make_module(), datamodule=data())
+        tiny_trainer(tmp_path, callbacks=[Growing([1, 2])]).fit(tiny_module(seed=None), datamodule=data())
     with pytest.raises(ValueError, match=r"grow_epochs \[3\] are >= max_epochs=3"):
         tiny_trainer(tmp_path, max_epochs=3, callbacks=[Growing([1, 2, 3])]).fit(
-            make_module(), datamodule=data()
+            tiny_module(seed=None), datamodule=data()
         )
-    no_exits = make_module(net=NetConfig(**{**TINY, "exits": False}))
+    no_exits = tiny_module(seed=None, net=NetConfig(**{**TINY, "exits": False}))
     with pytest.raises(ValueError, match=r"growing needs an exit after every block .* blocks \[0, 1, 2\]"):
         tiny_trainer(tmp_path, max_epochs=4, callbacks=[Growing([1, 2, 3])]).fit(no_exits, datamodule=data())
     with pytest.raises(ValueError, match=r"init must be one of \['random', 'identity'\]; got 'zeros'"):
@@ -118,7 +113,7 @@ def test_growing_needs_a_lit_nas_module(tmp_path):
 # -- training with growth -------------------------------------------------------------------------------
 def grow_and_record(tmp_path, **module_kwargs) -> tuple[MultiExitModule, Recorder, dict, Growing]:
     torch.manual_seed(0)
-    module = make_module(**module_kwargs)
+    module = tiny_module(seed=None, **module_kwargs)
     initial = {b: block_state(module, b) for b in range(4)}
     rec, growing = Recorder(), Growing(grow_epochs=[1, 2, 3])
     trainer = tiny_trainer(tmp_path, max_epochs=4, callbacks=[growing, rec])
@@ -173,7 +168,8 @@ def test_new_blocks_train_at_the_learning_rate_in_force(tmp_path):
 
     torch.manual_seed(0)
     wd = 5e-4
-    module = make_module(
+    module = tiny_module(
+        seed=None,
         optimizer=OptimizerConfig(lr=0.1, momentum=0.0, nesterov=False, weight_decay=wd),
         lr_schedule=LRScheduleConfig(name="multistep", milestones=[1, 3], gammas=[0.1, 0.5]),
     )
@@ -191,7 +187,7 @@ def test_new_blocks_train_at_the_learning_rate_in_force(tmp_path):
 
 def test_identity_init_makes_a_new_block_pass_its_input_through():
     torch.manual_seed(0)
-    net = make_module().net.train()
+    net = tiny_module(seed=None).net.train()
     x = torch.randn(8, 3, 16, 16)
     feats = net.run_block(2, net.run_block(1, net.run_block(0, [], x)))
     scales = identity_init(net, 3)
@@ -218,7 +214,7 @@ def test_identity_option_zeroes_scales_at_activation_only(tmp_path):
     torch.manual_seed(0)
     scales = Scales()
     trainer = tiny_trainer(tmp_path, max_epochs=4, callbacks=[Growing([1, 2, 3], init="identity"), scales])
-    trainer.fit(make_module(), datamodule=data())
+    trainer.fit(tiny_module(seed=None), datamodule=data())
     # zeroed exactly when a block activates (then the scales learn), never before
     assert scales.zero == [
         [False, False, False, False],
@@ -241,7 +237,7 @@ class StopAfter(Callback):
 def test_resume_after_a_growth_matches_an_uninterrupted_run(tmp_path):
     def run(seed, root, resume_from=None, stop_after=None):
         L.seed_everything(seed)
-        module, growing = make_module(), Growing([1, 2, 3])
+        module, growing = tiny_module(seed=None), Growing([1, 2, 3])
         extra = [StopAfter(stop_after)] if stop_after is not None else []
         ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
         trainer = tiny_trainer(

@@ -5,19 +5,14 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
 
-from lit_nas import DataShape, NetConfig
+from lit_nas import NetConfig
 from lit_nas.data import SyntheticDataModule
 from lit_nas.early_exit import early_exit
 from lit_nas.module import MultiExitModule
 from lit_nas.objectives import ExitLossConfig, exit_weights, multi_exit_loss
 from lit_nas.optim import LRScheduleConfig, MultiStepGammaLR, OptimizerConfig
 from lit_nas.protocol import NASModule, require_nas_module
-from tests.conftest import TINY, tiny_trainer
-
-
-def make_module(**kw):
-    torch.manual_seed(0)
-    return MultiExitModule(net=NetConfig(**TINY), data_shape=DataShape(3, 16, 10), **kw)
+from tests.conftest import tiny_module, tiny_trainer
 
 
 def synthetic(**kw):
@@ -26,7 +21,7 @@ def synthetic(**kw):
 
 # -- loss ----------------------------------------------------------------------------------------------
 def test_loss_is_weighted_sum_of_exit_cross_entropies():
-    m = make_module(exit_loss=ExitLossConfig(weights=[0.1, 0.2, 0.3, 1.0]))
+    m = tiny_module(exit_loss=ExitLossConfig(weights=[0.1, 0.2, 0.3, 1.0]))
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     out = m(x)
     w = exit_weights(m.exit_loss, 4, out.exits, epoch=0, max_epochs=10)
@@ -52,11 +47,11 @@ def test_default_weights_are_equal_and_ramp_follows_sdn():
 
 def test_loss_weights_of_wrong_length_are_rejected():
     with pytest.raises(ValueError, match=r"have 3 entries; the network has 4 blocks"):
-        make_module(exit_loss=ExitLossConfig(weights=[1, 1, 1]))
+        tiny_module(exit_loss=ExitLossConfig(weights=[1, 1, 1]))
 
 
 def test_training_logs_per_exit_metrics_and_learns(tmp_path):
-    m = make_module(optimizer=OptimizerConfig(lr=0.05), lr_schedule=LRScheduleConfig(name="constant"))
+    m = tiny_module(optimizer=OptimizerConfig(lr=0.05), lr_schedule=LRScheduleConfig(name="constant"))
     logger = CSVLogger(tmp_path, name="run")
     trainer = tiny_trainer(tmp_path, max_epochs=4, logger=logger, log_every_n_steps=1)
     dm = synthetic()
@@ -82,7 +77,7 @@ def test_training_logs_per_exit_metrics_and_learns(tmp_path):
 
 
 def test_test_reports_early_exit_table(tmp_path, capsys):
-    m = make_module(thresholds=[0.0, 0.5, 1.0])
+    m = tiny_module(thresholds=[0.0, 0.5, 1.0])
     trainer = tiny_trainer(tmp_path, max_epochs=1)
     dm = synthetic()
     trainer.fit(m, datamodule=dm)
@@ -135,7 +130,7 @@ def test_multistep_gammas_apply_cumulatively_at_every_milestone():
 
 
 def test_schedule_through_the_trainer(tmp_path):
-    m = make_module(
+    m = tiny_module(
         optimizer=OptimizerConfig(lr=0.1),
         lr_schedule=LRScheduleConfig(milestones=[1, 2], gammas=[0.5, 0.1]),
     )
@@ -191,7 +186,7 @@ def test_bad_optimizer_is_rejected():
 
 
 def test_sgd_settings_and_no_weight_decay_flag():
-    m = make_module(optimizer=OptimizerConfig(lr=0.05, weight_decay=1e-3))
+    m = tiny_module(optimizer=OptimizerConfig(lr=0.05, weight_decay=1e-3))
     m.net.exits["0"].mix.no_weight_decay = True
     opt = m.configure_optimizers()["optimizer"]
     assert isinstance(opt, torch.optim.SGD)
@@ -206,7 +201,7 @@ def test_module_implements_the_protocol():
     import lit_nas
 
     assert lit_nas.MultiExitModule is MultiExitModule
-    m = make_module()
+    m = tiny_module()
     assert isinstance(m, NASModule)
     assert require_nas_module(m, "Growing") is m
     assert m.active_blocks == 4
@@ -232,7 +227,7 @@ def test_protocol_check_names_missing_members():
 
 
 def test_loss_terms_are_added_and_logged(tmp_path):
-    m = make_module()
+    m = tiny_module()
     m.add_loss_term("test/penalty", lambda x, y, out: 0 * out.final.sum() + 2.5)
     with pytest.raises(ValueError, match="already registered"):
         m.add_loss_term("test/penalty", lambda x, y, out: out.final.sum())
@@ -250,4 +245,4 @@ def test_missing_data_shape_is_explained():
 
 def test_bad_thresholds_are_rejected():
     with pytest.raises(ValueError, match=r"thresholds must lie in \[0, 1\]"):
-        make_module(thresholds=[0.5, 1.5])
+        tiny_module(thresholds=[0.5, 1.5])

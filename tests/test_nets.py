@@ -230,3 +230,14 @@ def test_channel_flops_is_what_removing_one_channel_saves(net):
         smaller = copy.deepcopy(net)
         remove_channels(smaller, g.name, range(1, g.size))
         assert total(net) - total(smaller) == per_channel[g.name] > 0, g.name
+
+
+def test_exit_logits_iterate_over_their_logits():
+    import torch
+
+    from lit_nas.nets.base import ExitLogits
+
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+    out = ExitLogits(exits=(1, 3), logits=(a, b))
+    assert [t.sum().item() for t in out] == [0.0, 6.0]  # list(out) used to raise ValueError
+    assert out[3] is b and dict(out.items()) == {1: a, 3: b}

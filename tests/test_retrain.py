@@ -155,7 +155,7 @@ def test_a_found_architecture_and_its_masks_train_from_scratch_in_a_new_run(tmp_
         (dict(epoch=0), "epoch must be an integer >= 1; got 0"),
         (
             dict(epoch=3, init="lottery"),
-            r"unknown RetrainFromScratch init 'lottery'; valid choices: \['random', 'rewind'\]",
+            r"RetrainFromScratch init must be one of \['random', 'rewind'\]; got 'lottery'",
         ),
         (
             dict(epoch=3, init="rewind"),

@@ -10,11 +10,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from callbacks import Growing, SnipPruning
-from lit_nas import DataShape, NetConfig
 from lit_nas.masks import attach_masks, connectivity_map, get_masks, load_masks
 from lit_nas.module import MultiExitModule
 from lit_nas.optim import OptimizerConfig
-from lit_nas.pruning import (
+from lit_nas.snip import (
     PruneSchedule,
     keep_ratio_steps,
     reinitialized,
@@ -22,14 +21,15 @@ from lit_nas.pruning import (
     snip_scores,
 )
 from lit_nas.surgery import remove_channels
-from tests.conftest import TINY, tiny_trainer
 from tests.conftest import tiny_data as data
+from tests.conftest import tiny_module, tiny_trainer
 from tests.test_growing import StopAfter, run_ddp_script
 
 
 def make_module(dense: bool = False, **kwargs) -> MultiExitModule:
+    """The tiny SDN (plain or dense) with the optimizer SNIP's tests train with."""
     kwargs.setdefault("optimizer", OptimizerConfig(lr=0.05, momentum=0.9, weight_decay=5e-4))
-    return MultiExitModule(net=NetConfig(**TINY, dense=dense), data_shape=DataShape(3, 16, 10), **kwargs)
+    return tiny_module(seed=None, net={"dense": dense}, **kwargs)
 
 
 def block_totals(module: MultiExitModule) -> dict[int, int]:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from callbacks import GarbageCollection, SwitchL1
-from lit_nas import DataShape, MultiExitModule, NetConfig
 from lit_nas.gates import gated_groups
 from lit_nas.surgery import fold_gates
 from lit_nas.switches import (
@@ -19,8 +18,8 @@ from lit_nas.switches import (
     soft_threshold,
     threshold_kills,
 )
-from tests.conftest import TINY, tiny_trainer
 from tests.conftest import tiny_data as data
+from tests.conftest import tiny_module, tiny_trainer
 
 
 def test_soft_threshold_is_the_l1_proximal_step():
@@ -54,11 +53,6 @@ def test_sign_variance_waits_for_a_full_window_and_kills_oscillating_switches():
     torch.testing.assert_close(window.variance(), torch.tensor([0.0, 1.0, 0.75]))
     window.keep(torch.tensor([True, False, True]))
     torch.testing.assert_close(window.variance(), torch.tensor([0.0, 0.75]))
-
-
-def tiny_module() -> MultiExitModule:
-    torch.manual_seed(0)
-    return MultiExitModule(net=NetConfig(**TINY), data_shape=DataShape(3, 16, 10))
 
 
 class SwitchProbe(L.Callback):
@@ -186,16 +180,16 @@ def test_a_resume_after_collections_continues_bit_identically(tmp_path, kill):
         (dict(lam=-0.1), r"lam \(the L1 strength\) must be >= 0; got -0.1"),
         (
             dict(update="adam"),
-            r"update 'adam'; valid choices: \['proximal', 'subgradient'\]",
+            r"update must be one of \['proximal', 'subgradient'\]; got 'adam'",
         ),
         (
             dict(kill="magnitude"),
-            r"kill 'magnitude'; valid choices: \['threshold', 'sign_change'",
+            r"kill must be one of \['threshold', 'sign_change', 'sign_variance'\]; got 'magnitude'",
         ),
         (dict(tau=0), "tau must be > 0; got 0"),
         (dict(gamma=1.5), r"gamma \(a variance of signs\) must lie in \(0, 1\); got 1.5"),
         (dict(window=1), "window must be an integer >= 2; got 1"),
-        (dict(scope="outer"), r"unknown SwitchL1 scope 'outer'; valid choices: \['all', 'inner'\]"),
+        (dict(scope="outer"), r"SwitchL1 scope must be one of \['all', 'inner'\]; got 'outer'"),
         (dict(init=0.0), "init must be nonzero"),
         (dict(until_epoch=0), "until_epoch must be an integer >= 1 or null; got 0"),
     ],
