@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -33,6 +32,7 @@ from lit_nas.snip import (
     KEEP_SCHEDULES,
     PruneSchedule,
     keep_ratio_steps,
+    keep_ratios,
     reinitialized,
     snip_block_masks,
     snip_scores,
@@ -111,44 +111,19 @@ class SnipPruning(Callback):
         save_found: bool = True,
     ) -> None:
         super().__init__()
-        ratios = [keep_ratio] if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
-        if not ratios or any(isinstance(r, bool) or not 0 < r <= 1 for r in ratios):
-            raise ValueError(
-                f"SnipPruning keep_ratio must be in (0, 1] (one or one per block); got {keep_ratio}"
-            )
+        self.keep_ratio = keep_ratios(keep_ratio)
         check_choice("SnipPruning", "mode", mode, MODES)
-        if mode == "one_shot" and steps not in (None, 1):
-            raise ValueError(
-                f"SnipPruning mode 'one_shot' prunes once; got steps={steps} (use mode: iterative)"
-            )
-        steps = 1 if mode == "one_shot" else (3 if steps is None else steps)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"SnipPruning steps must be an integer >= 1; got {steps!r}")
+        #: when blocks are pruned: steps, after_epochs, prune_epochs
+        self.plan = PruneSchedule.build(mode, steps, after_epochs, prune_epochs)
         check_choice("SnipPruning", "schedule", schedule, KEEP_SCHEDULES)
-        if not isinstance(after_epochs, int) or after_epochs < 0:
-            raise ValueError(f"SnipPruning after_epochs must be an integer >= 0; got {after_epochs!r}")
-        if prune_epochs is not None:
-            prune_epochs = list(prune_epochs)
-            if (
-                not prune_epochs
-                or any(not isinstance(e, int) or e < 0 for e in prune_epochs)
-                or any(b <= a for a, b in pairwise(prune_epochs))
-            ):
-                raise ValueError(
-                    f"SnipPruning prune_epochs must be non-negative integers, strictly increasing; got "
-                    f"{prune_epochs}"
-                )
         check_choice("SnipPruning", "criterion_loss", criterion_loss, CRITERION_LOSSES)
         if criterion_batch_size < 1 or criterion_batches < 1:
             raise ValueError(
                 f"SnipPruning criterion_batch_size and criterion_batches must be >= 1; got "
                 f"{criterion_batch_size}, {criterion_batches}"
             )
-        self.keep_ratio = ratios
         self.mode = mode
         self.schedule = schedule
-        #: when blocks are pruned: steps, after_epochs, prune_epochs
-        self.plan = PruneSchedule(steps, after_epochs, None if prune_epochs is None else tuple(prune_epochs))
         self.criterion_loss = criterion_loss
         self.criterion_batch_size = criterion_batch_size
         self.criterion_batches = criterion_batches
@@ -219,17 +194,7 @@ class SnipPruning(Callback):
         if max_epochs is None or max_epochs <= 0 or len(activation) != num_blocks:
             self._planned_last = None  # unbounded run, or Growing reports the mismatch itself
             return
-        events = self.plan.plan(activation, max_epochs)
-        done = {b: sum(b in blocks for _, blocks in events) for b in range(num_blocks)}
-        short = {b: k for b, k in done.items() if k < self.steps}
-        if short:
-            raise ValueError(
-                f"SnipPruning can never finish: within max_epochs={max_epochs}, blocks "
-                f"{sorted(short)} would be pruned {[short[b] for b in sorted(short)]} of {self.steps} times "
-                f"(blocks activate at epochs {activation}; a block is pruned at events >= "
-                f"{self.plan.after_epochs} epochs after it activates; events planned: "
-                f"{[e for e, _ in events]}). Add later prune_epochs, lower after_epochs or train longer."
-            )
+        events = self.plan.completing_plan(activation, max_epochs)
         self._planned_last = events[-1][0] if events else None
 
     def last_search_epoch(self) -> int | None:

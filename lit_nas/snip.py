@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, Literal
 
 import torch
@@ -101,6 +102,14 @@ def reinitialized(
                 p.copy_(saved[n])
 
 
+def keep_ratios(keep_ratio: float | Iterable[float], who: str = "SnipPruning") -> list[float]:
+    """One keep ratio, or one per block, each in ``(0, 1]``, as a list (else ``ValueError`` naming it)."""
+    ratios = [keep_ratio] if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
+    if not ratios or any(isinstance(r, bool) or not 0 < r <= 1 for r in ratios):
+        raise ValueError(f"{who} keep_ratio must be in (0, 1] (one or one per block); got {keep_ratio}")
+    return ratios
+
+
 def keep_ratio_steps(
     keep: float, steps: int, schedule: Literal["geometric", "linear"] = "geometric"
 ) -> list[float]:
@@ -172,6 +181,55 @@ class PruneSchedule:
         started = all(steps_done.get(b, 0) > 0 for b in range(num_blocks))  # every block had its first
         due = started and last_event is not None and epoch - last_event >= self.after_epochs
         return eligible if first or due else []
+
+    @classmethod
+    def build(
+        cls,
+        mode: str,
+        steps: int | None,
+        after_epochs: int,
+        prune_epochs: Iterable[int] | None,
+        who: str = "SnipPruning",
+    ) -> PruneSchedule:
+        """A checked schedule from a callback's arguments (``one_shot``: 1 step; ``iterative``: 3 by default).
+
+        Raises:
+            ValueError: naming the bad value (``who`` starts the message).
+        """
+        if mode == "one_shot" and steps not in (None, 1):
+            raise ValueError(f"{who} mode 'one_shot' prunes once; got steps={steps} (use mode: iterative)")
+        steps = 1 if mode == "one_shot" else (3 if steps is None else steps)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{who} steps must be an integer >= 1; got {steps!r}")
+        if not isinstance(after_epochs, int) or after_epochs < 0:
+            raise ValueError(f"{who} after_epochs must be an integer >= 0; got {after_epochs!r}")
+        events = None if prune_epochs is None else list(prune_epochs)
+        if events is not None and (
+            not events
+            or any(not isinstance(e, int) or e < 0 for e in events)
+            or any(b <= a for a, b in pairwise(events))
+        ):
+            raise ValueError(
+                f"{who} prune_epochs must be non-negative integers, strictly increasing; got {events}"
+            )
+        return cls(steps, after_epochs, None if events is None else tuple(events))
+
+    def completing_plan(
+        self, activation_epochs: list[int], max_epochs: int, who: str = "SnipPruning"
+    ) -> list[tuple[int, list[int]]]:
+        """:meth:`plan`, refused with a ``ValueError`` when a block would not get all its steps in time."""
+        events = self.plan(activation_epochs, max_epochs)
+        done = {b: sum(b in blocks for _, blocks in events) for b in range(len(activation_epochs))}
+        short = {b: k for b, k in done.items() if k < self.steps}
+        if short:
+            raise ValueError(
+                f"{who} can never finish: within max_epochs={max_epochs}, blocks {sorted(short)} would be "
+                f"pruned {[short[b] for b in sorted(short)]} of {self.steps} times (blocks activate at "
+                f"epochs {activation_epochs}; a block is pruned at events >= {self.after_epochs} epochs "
+                f"after it activates; events planned: {[e for e, _ in events]}). Add later prune_epochs, "
+                "lower after_epochs or train longer."
+            )
+        return events
 
     def plan(self, activation_epochs: list[int], max_epochs: int) -> list[tuple[int, list[int]]]:
         """``(epoch, blocks pruned)`` of every event, for blocks activating at ``activation_epochs``."""
