@@ -11,6 +11,7 @@ exit ``e``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -181,3 +182,47 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("error"):
         lines.append(f"device error: {report['error']}")
     return "\n".join(lines)
+
+
+def plot_latency_accuracy(report: dict[str, Any], path: Path) -> Path:
+    """Latency vs test accuracy of every exit and of early exit, one colour per precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, p in enumerate(dict.fromkeys(r["precision"] for r in report["exits"])):
+        rows = [r for r in report["exits"] if r["precision"] == p]
+        color = f"C{i}"
+        ax.plot(
+            [r["latency_ms"] for r in rows],
+            [r["accuracy"] for r in rows],
+            "o-",
+            color=color,
+            label=f"exits ({p})",
+        )
+        for r in rows:
+            ax.annotate(
+                str(r["exit"]),
+                (r["latency_ms"], r["accuracy"]),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=8,
+            )
+        ee = report["early_exit"].get(p, [])
+        ax.plot(
+            [r["expected_latency_ms"] for r in ee],
+            [r["accuracy"] for r in ee],
+            "x--",
+            color=color,
+            label=f"early exit, val acc ({p})",
+        )
+    ax.set_xlabel(f"latency (ms) on {report['runner']} [{report['device'].get('machine')}]")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
