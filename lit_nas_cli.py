@@ -97,8 +97,6 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # A resume continues in its own checkpoint directory, which is not empty by design.
     warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
-    # Growing/SNIP logs epoch-level values from on_train_epoch_start; Lightning notes the batch size guess.
-    warnings.filterwarnings("ignore", ".*Trying to infer the `batch_size`.*")
     # Resumes through LastCheckpoint restore epoch-boundary loops; mid-epoch (SIGTERM) ones are approximate
     # and the README says so.
     warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
