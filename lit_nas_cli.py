@@ -89,6 +89,10 @@ def default_wandb_mode() -> None:
     """Run W&B offline unless the user logged in or chose a mode."""
     if "WANDB_MODE" not in os.environ and not wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"
+    # W&B records the code's git state, looking for the repository under its save_dir (runs/), where there is
+    # none ("git root runs does not exist" on every run): point it at this checkout
+    if (REPO_ROOT / ".git").exists():
+        os.environ.setdefault("WANDB_GIT_ROOT", str(REPO_ROOT))
 
 
 def _quiet_known_warnings() -> None:
@@ -213,11 +217,27 @@ class LitNASCLI(LightningCLI):
             extra.append(LastCheckpoint(str(checkpoint_dir(run_dir))))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         trainer = self._instantiate_trainer(trainer_config, extra)
+        for logger in trainer.loggers:
+            init = getattr(logger, "_wandb_init", None)
+            if isinstance(logger, WandbLogger) and isinstance(init, dict) and init.get("anonymous") is None:
+                # Lightning 2.6 always passes anonymous=None, which wandb 0.31 reports on every run as a
+                # deprecated setting: leave it out (not set is what None means)
+                init.pop("anonymous", None)
         if run_dir:
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                     cb.dirpath = str(checkpoint_dir(run_dir))
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, TypeError) as err:
+            # a setting refused at fit start (schedules, devices): a message, not a traceback, unless asked
+            trainer = getattr(self, "trainer", None)
+            if trainer is None or trainer.global_step > 0 or os.environ.get("LIT_NAS_TRACEBACK"):
+                raise
+            raise RunFailure(f"{err} (refused before training; LIT_NAS_TRACEBACK=1 shows where)") from err
 
     def after_fit(self) -> None:
         """Test the best checkpoint (or the final weights when there is none)."""
