@@ -96,9 +96,17 @@ def test_every_fit_gets_a_last_checkpoint_in_its_run_directory(tmp_path, monkeyp
 
 def test_resuming_with_changed_settings_names_each_value_and_uses_the_checkpoints(tmp_path):
     base = ["--config", TINY_SNIP, "--growing", "null", "--test_after_fit", "false"]
-    first = train(tmp_path, *base, "--trainer.max_epochs", "1")
+    wandb = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", "runs"]
+    first = train(tmp_path, *base, "--trainer.max_epochs", "1", *wandb)
     assert first.returncode == 0, first.stderr[-3000:]
-    for noise in ("LightningCLI's args parameter", "litlogger", "LeafSpec", "`weights_only` was not set"):
+    noises = (
+        "LightningCLI's args parameter",
+        "litlogger",
+        "LeafSpec",
+        "`weights_only` was not set",
+        "WARNING",
+    )
+    for noise in noises:  # "WARNING": wandb's "git root runs does not exist" and "anonymous setting"
         assert noise not in first.stderr + first.stdout, noise
     changed = ["--model.init_args.optimizer.lr", "0.5", "--model.init_args.net.stage_widths", "[4,8,16]"]
     resumed = train(tmp_path, *base, "--trainer.max_epochs", "2", "--ckpt_path", "last", *changed)
@@ -183,3 +191,10 @@ def test_publish_best_writes_only_a_better_teacher(tmp_path):
         publish_run(tmp_path, "c", target, lr=1e8)
     assert target.read_bytes() == good
     assert not list(target.parent.glob(".*tmp*"))
+
+
+def test_a_setting_refused_at_fit_start_is_one_message_and_exit_1(tmp_path):
+    out = train(tmp_path, "--config", TINY_SNIP, "--snip.prune_epochs", "[0]")
+    assert out.returncode == 1
+    assert "error: SnipPruning can never finish" in out.stderr and "refused before training" in out.stderr
+    assert "Traceback" not in out.stderr
