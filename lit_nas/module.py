@@ -334,18 +334,28 @@ class MultiExitModule(L.LightningModule):
             self.log(name, value.detach(), on_step=True, on_epoch=True)
             terms[name] = value
             loss = loss + value
-        if not bool(torch.isfinite(loss)):  # one host sync per step; training on NaN is worth nothing
-            self._non_finite_loss(terms, batch_idx)
+        local = bool(torch.isfinite(loss))  # one host sync per step: training on NaN is worth nothing
+        finite = local
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every rank stops together, or the others would wait for it in the next all-reduce
+            finite = bool(self.trainer.strategy.reduce_boolean_decision(local, all=True))
+        if not finite:
+            self._non_finite_loss(terms, batch_idx, here=not local)
         return loss
 
-    def _non_finite_loss(self, terms: dict[str, Tensor], batch_idx: int) -> None:
+    def _non_finite_loss(self, terms: dict[str, Tensor], batch_idx: int, here: bool) -> None:
         bad = {k: float(v) for k, v in terms.items() if not bool(torch.isfinite(v))}
+        if not here:
+            where = "on another process"
+        elif not bad:
+            where = "the sum of finite terms overflowed"
+        else:
+            where = ", ".join(f"{k} = {describe(v)}" for k, v in bad.items())
         lrs = sorted({g["lr"] for opt in self.trainer.optimizers for g in opt.param_groups})
         raise NonFiniteError(
             f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
             f"{batch_idx}): "
-            + ", ".join(f"{k} = {describe(v)}" for k, v in bad.items())
-            + (" (the weights themselves are non-finite)" if not bad else "")
+            + where
             + f"; learning rate {lrs[0] if len(lrs) == 1 else lrs}. Training stopped; no checkpoint was "
             "written from this state, so the last good one (checkpoints/last.ckpt) is intact. Lower the "
             "learning rate (or the term's weight) in a new run: a resume keeps the checkpoint's settings."
