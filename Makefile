@@ -30,7 +30,7 @@ $(EXPORT_STAMP): device_bench/requirements-export.txt
 
 # The emulated armv7l Raspberry-Pi-like device (root + binfmt_misc; see device_bench/emulator/build_pi.sh).
 pi:
-	bash device_bench/emulator/build_pi.sh runs/pi
+	bash device_bench/emulator/build_pi.sh
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,5 +70,5 @@ bench: setup data
 	$(PY) benchmarks/throughput.py
 
 clean:
-	-bash device_bench/emulator/build_pi.sh --stop runs/pi 2>/dev/null
+	-bash device_bench/emulator/build_pi.sh --stop 2>/dev/null
 	rm -rf $(VENV) $(EXPORT_VENV) runs .pytest_cache

@@ -3,7 +3,10 @@
 # rootfs run through qemu-user-static + binfmt_misc, with python3, Debian's numpy and tflite-runtime 2.14.0,
 # and an sshd listening on 127.0.0.1 only. Timings taken on it are functional checks, never Pi figures.
 #
-#   device_bench/emulator/build_pi.sh [DIR]         # default DIR: runs/pi (rootfs, keys, ssh_config, logs)
+#   device_bench/emulator/build_pi.sh [DIR]         # DIR holds the rootfs, keys, ssh_config and logs
+#
+# The default DIR is a cache outside the checkout, $LIT_NAS_PI_DIR or ~/.cache/lit_nas/pi: the rootfs takes
+# ~3 minutes to build, and every clone on this machine (CI's included) then reuses it.
 #   device_bench/emulator/build_pi.sh --stop [DIR]  # stop its sshd and unmount its proc
 #
 # Prints the ssh_config path on success; `ssh -F DIR/ssh_config lit-nas-pi` then reaches the device.
@@ -12,7 +15,7 @@
 set -euo pipefail
 STOP=0
 if [ "${1:-}" = --stop ]; then STOP=1; shift; fi
-DIR=$(realpath -m "${1:-runs/pi}")
+DIR=$(realpath -m "${1:-${LIT_NAS_PI_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lit_nas/pi}}")
 ROOT="$DIR/rootfs"
 PORT="${PI_SSH_PORT:-2222}"
 MIRROR="${PI_MIRROR:-http://deb.debian.org/debian}"
