@@ -84,12 +84,6 @@ class Distillation(Callback):
         self._module: NASModule | None = None
         self._last_kl: Tensor | None = None  # the step's weighted soft term, logged after the step
 
-    @property
-    @override
-    def state_key(self) -> str:
-        # two distillations (a teacher and self-distillation) can run side by side; the teacher names each
-        return self._generate_state_key(teacher=self.teacher_path, self_distill=self.self_distill)
-
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         module = require_nas_module(pl_module, _WHO)

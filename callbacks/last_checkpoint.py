@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -35,8 +34,6 @@ class LastCheckpoint(Callback):
         super().__init__()
         self.dirpath = Path(dirpath)
         self.path = self.dirpath / LAST
-        #: epoch of the last write (``None`` before the first)
-        self.saved_epoch: int | None = None
 
     def save(self, trainer: L.Trainer) -> None:
         """Write the checkpoint (every rank calls it; rank 0 writes and renames)."""
@@ -51,7 +48,6 @@ class LastCheckpoint(Callback):
         if trainer.is_global_zero:
             replace_atomically(tmp, self.path)
         trainer.strategy.barrier("last_checkpoint")
-        self.saved_epoch = trainer.current_epoch
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -73,11 +69,3 @@ class LastCheckpoint(Callback):
             pass  # non-finite weights: the previous last.ckpt stays
         else:
             print(f"\nLastCheckpoint: run interrupted; resumable checkpoint written to {self.path}")
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"saved_epoch": self.saved_epoch}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.saved_epoch = state_dict.get("saved_epoch")

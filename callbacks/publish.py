@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -45,14 +45,8 @@ class PublishBest(Callback):
         check_choice("PublishBest", "mode", mode, MODES)
         self.path = Path(path)
         self.mode = mode
-        #: what happened at fit end: ``published``, ``kept`` or ``nothing``
+        #: what happened at fit end: ``published``, ``kept`` or ``nothing`` (a result, not resume state)
         self.outcome: str | None = None
-
-    @property
-    @override
-    def state_key(self) -> str:
-        # one instance per published path
-        return self._generate_state_key(path=str(self.path))
 
     @property
     def record(self) -> Path:
@@ -108,11 +102,3 @@ class PublishBest(Callback):
         replace_atomically(tmp, self.record)
         self.outcome = "published"
         print(f"PublishBest: {best} ({monitor} {score:.4f}) -> {self.path}")
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"outcome": self.outcome}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.outcome = state_dict.get("outcome")

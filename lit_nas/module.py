@@ -40,7 +40,7 @@ from lit_nas.nets.recipe import NetConfig
 from lit_nas.objectives import ExitLossConfig, exit_weights, multi_exit_loss
 from lit_nas.optim import LRScheduleConfig, OptimizerConfig
 from lit_nas.protocol import LossTerm
-from lit_nas.runs import NonFiniteError, describe, first_non_finite
+from lit_nas.runs import NonFiniteError, first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ class MultiExitModule(L.LightningModule):
         elif not bad:
             where = "the sum of finite terms overflowed"
         else:
-            where = ", ".join(f"{k} = {describe(v)}" for k, v in bad.items())
+            where = ", ".join(f"{k} = {v}" for k, v in bad.items())
         lrs = sorted({g["lr"] for opt in self.trainer.optimizers for g in opt.param_groups})
         raise NonFiniteError(
             f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "

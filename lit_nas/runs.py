@@ -7,7 +7,6 @@ that already holds one; a resume continues in the directory it resumes.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -77,11 +76,6 @@ def first_non_finite(tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]
             kind = "NaN" if bool(t.isnan().any()) else "inf"
             return f"{name} ({kind})"
     return None
-
-
-def describe(value: float) -> str:
-    """``nan``, ``inf``, ``-inf`` or the number."""
-    return "nan" if math.isnan(value) else str(value)
 
 
 def replace_atomically(tmp: str | Path, final: str | Path) -> None:
