@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml Makefile
 	  && $(PIP) install filelock typing-extensions sympy networkx jinja2 fsspec "setuptools>=77.0.3"; fi
 	@# torchvision's only other dependencies are numpy and pillow; --no-deps keeps torch as installed.
 	$(PIP) install --no-deps "torchvision==0.28.0" && $(PIP) install pillow
-	$(PIP) install -e ".[dev,device]"
+	$(PIP) install -e ".[dev,device,study]"
 	@if [ "$(CPU_ONLY)" = 1 ]; then $(PY) -c "import sys, torch; \
 	  sys.exit(0 if torch.version.cuda is None else 'a CUDA build of torch was installed; rerun with \
 	  TORCH_INDEX=<CPU wheel index> after rm -rf $(VENV), or set CPU_ONLY=0')"; fi

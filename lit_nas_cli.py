@@ -35,7 +35,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks import NAMED_CALLBACKS, LastCheckpoint
+from callbacks import NAMED_CALLBACKS, LastCheckpoint, RunSummary
 from lit_nas.data import DataError, ImageDataModule
 from lit_nas.module import MultiExitModule
 from lit_nas.runs import (
@@ -167,6 +167,8 @@ class LitNASCLI(LightningCLI):
         # not "config.yaml": W&B writes its own file of that name into the run directory
         kwargs.setdefault("save_config_kwargs", {"config_filename": "lit_nas_config.yaml"})
         kwargs.setdefault("seed_everything_default", 0)
+        argv = kwargs.get("args")
+        self.argv = [str(a) for a in argv] if isinstance(argv, Sequence) and not isinstance(argv, str) else []
         _quiet_known_warnings()
         super().__init__(*args, **kwargs)
 
@@ -185,6 +187,13 @@ class LitNASCLI(LightningCLI):
             help="Directory of this run (checkpoints/last.ckpt, best checkpoints, the saved config). "
             "Default: runs/<config name>, or runs/<config name>_<n> when that one holds a run; with "
             "--ckpt_path last, the latest of them.",
+        )
+        parser.add_argument(
+            "--lut",
+            type=str | None,
+            default=None,
+            help="A latency look-up table (device_bench lut JSON): summary.json then gives the predicted "
+            "latency of every exit of the network found.",
         )
         for key, cls in NAMED_CALLBACKS.items():
             parser.add_lightning_class_args(cls, key, subclass_mode=True, required=False)
@@ -215,6 +224,15 @@ class LitNASCLI(LightningCLI):
         run_dir = config.get("run_dir") if self.subcommand in ("fit", None) else None
         if run_dir:
             extra.append(LastCheckpoint(str(checkpoint_dir(run_dir))))
+            extra.append(
+                RunSummary(
+                    run_dir,
+                    _config_name(config),
+                    overrides=_overrides(self.argv),
+                    seed=config.get("seed_everything"),
+                    lut=config.get("lut"),
+                )
+            )
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         trainer = self._instantiate_trainer(trainer_config, extra)
         for logger in trainer.loggers:
@@ -250,6 +268,19 @@ class LitNASCLI(LightningCLI):
 def _config_name(config: Any) -> str:
     files = config.get("config") or []
     return Path(str(files[0])).stem if files else "run"
+
+
+def _overrides(argv: Sequence[str]) -> list[str]:
+    """The command line without the subcommand and ``--config`` files: what a run changed from its config."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("--config", "-c"):
+            skip = True
+        elif not arg.startswith("--config=") and not (i == 0 and arg == "fit"):
+            out.append(arg)
+    return out
 
 
 def resolve_run(run_dir: str | None, ckpt_path: str | None, name: str) -> tuple[str, str | None]:
@@ -352,3 +383,39 @@ def main(argv: Sequence[str] | None = None) -> LitNASCLI:
     except (RunFailure, DataError) as err:
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_arguments(argvs: Sequence[Sequence[str]]) -> list[str | None]:
+    """Parse and build (model, data, callbacks, trainer; nothing is trained) each ``fit`` command line.
+
+    What a study runs before its first trial, so a bad key or value fails in seconds, not after hours of the
+    trials before it. Returns one error message per command line, ``None`` for those that build.
+    """
+    import contextlib
+    import io
+    import tempfile
+
+    errors: list[str | None] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, argv in enumerate(argvs):
+            args = resolve_config_args([a for a in argv if a != "fit"])
+            args += ["--run_dir", str(Path(tmp) / str(i)), "--trainer.logger", "false"]
+            stderr = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    LitNASCLI(args=args, run=False, parser_kwargs={"exit_on_error": False})
+            except SystemExit:
+                lines = [ln for ln in stderr.getvalue().splitlines() if ln.strip()]
+                errors.append(lines[-1] if lines else "the arguments were refused")
+            except Exception as err:
+                errors.append(f"{type(err).__name__}: {err}")
+            else:
+                errors.append(None)
+    return errors
+
+
+def check_main(path: str) -> None:
+    """``train.py check FILE``: FILE holds a JSON list of command lines; prints a JSON list of errors."""
+    default_wandb_mode()
+    print(json.dumps(check_arguments(json.loads(Path(path).read_text()))))

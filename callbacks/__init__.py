@@ -13,6 +13,7 @@ from callbacks.growing import Growing
 from callbacks.last_checkpoint import LastCheckpoint
 from callbacks.publish import PublishBest
 from callbacks.retrain import RetrainFromScratch
+from callbacks.run_summary import RunSummary
 from callbacks.snip import SnipPruning
 from callbacks.switch_l1 import SwitchL1
 
@@ -40,6 +41,7 @@ __all__ = [
     "LastCheckpoint",
     "PublishBest",
     "RetrainFromScratch",
+    "RunSummary",
     "SnipPruning",
     "SwitchL1",
 ]

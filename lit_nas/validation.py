@@ -6,8 +6,10 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def check_choice(who: str, argument: str, value: Any, choices: Iterable[Any]) -> None:
-    """Raise ``ValueError("<who> <argument> must be one of [...]; got <value>")`` unless ``value`` is one."""
+def check_choice(
+    who: str, argument: str, value: Any, choices: Iterable[Any], error: type[ValueError] = ValueError
+) -> None:
+    """Raise ``error("<who> <argument> must be one of [...]; got <value>")`` unless ``value`` is one."""
     valid = list(choices)
     if value not in valid:
-        raise ValueError(f"{who} {argument} must be one of {valid}; got {value!r}")
+        raise error(f"{who} {argument} must be one of {valid}; got {value!r}")

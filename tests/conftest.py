@@ -7,6 +7,8 @@ import lit_nas  # noqa: F401  (first: torchvision compat)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# a local Ray instance binds to the loopback interface only (set before ray is imported)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from lit_nas import DataShape, NetConfig  # noqa: E402

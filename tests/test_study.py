@@ -1,0 +1,281 @@
+"""Studies: bad specs refused before any trial, both engines, resume, failures, the report's figures."""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from lit_nas.study.report import (
+    COSTS,
+    PointStats,
+    at_equal_cost,
+    collect,
+    final_exit,
+    pareto_front,
+    write_report,
+)
+from lit_nas.study.runner import Study, run_study
+from lit_nas.study.spec import StudySpec, StudySpecError, point_id, scaled_widths
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "tests" / "configs" / "tiny_search.yaml")
+# two epochs of the tiny search without growing: a trial is a few seconds, most of them start-up
+FAST = {"trainer.max_epochs": 2, "growing": None, "fisher.start_epoch": 0}
+
+
+def write_spec(tmp_path: Path, **fields) -> Path:
+    data = {"config": TINY, "overrides": dict(FAST), "seeds": [0, 1], **fields}
+    path = tmp_path / f"{fields.pop('name', 'tiny')}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def tiny_spec(tmp_path: Path, **fields) -> StudySpec:
+    fields.setdefault("grid", {"fisher.target_fraction": [0.7, 0.9]})
+    fields.setdefault("baselines", {"plain": {"width_multipliers": [0.5]}})
+    return StudySpec.load(write_spec(tmp_path, **fields))
+
+
+def roots(tmp_path: Path) -> dict:
+    return {"results_root": tmp_path / "results", "runs_root": tmp_path / "runs"}
+
+
+def summaries(study: Study) -> dict[str, dict]:
+    """Each trial's summary.json, read from its run directory (not from the records)."""
+    out = {}
+    for t in study.spec.trials():
+        path = study.runs / t.id / "summary.json"
+        out[t.id] = json.loads(path.read_text())
+    return out
+
+
+def check_report_matches(study: Study, tmp_path: Path) -> None:
+    """The report's means and standard deviations are those of the trials' own summary.json files."""
+    files = write_report(study.spec, study, tmp_path / "report", wandb=False)
+    rows = {(r["family"], r["point"]): r for r in _read_csv(files[0])}
+    by_point: dict[tuple[str, str], list[dict]] = {}
+    for t in study.spec.trials():
+        s = json.loads((study.runs / t.id / "summary.json").read_text())
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in t.point.items())
+        by_point.setdefault((t.family, label), []).append(s)
+    assert set(rows) == set(by_point)
+    for key, ss in by_point.items():
+        accs = [s["test_acc"][final_exit(s)] for s in ss]
+        params = [s["params"] for s in ss]
+        mflops = [s["mflops"][final_exit(s)] for s in ss]
+        row = rows[key]
+        assert int(row["n"]) == len(ss) == 2
+        assert float(row["acc_mean"]) == pytest.approx(np.mean(accs), abs=1e-12)
+        assert float(row["acc_std"]) == pytest.approx(np.std(accs, ddof=1), abs=1e-12)
+        assert float(row["params_mean"]) == pytest.approx(np.mean(params))
+        assert float(row["mflops_mean"]) == pytest.approx(np.mean(mflops))
+    md = files[1].read_text()
+    for ss in by_point.values():
+        accs = [100 * s["test_acc"][final_exit(s)] for s in ss]
+        assert f"{np.mean(accs):.2f} ± {np.std(accs, ddof=1):.2f}" in md
+    assert any(p.suffix == ".png" and p.stat().st_size > 10_000 for p in files)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+# -- specs -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"grid": {}}, "grid is empty"),
+        ({"grid": {"fisher.target_fraction": []}}, "'fisher.target_fraction' needs a non-empty list"),
+        ({"config": "no_such_config.yaml"}, "unknown config 'no_such_config.yaml'"),
+        ({"gird": {"a": [1]}}, "key must be one of"),
+        ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"series": "snip.mode"}, "series 'snip.mode' is not a grid key"),
+        ({"baselines": {"plain": {"width_multiplier": [0.5]}}}, "'width_multiplier'"),
+        ({"search_cost": {"seeds": [7]}}, "search_cost must be"),
+    ],
+)
+def test_a_bad_spec_is_refused_naming_the_value(tmp_path, fields, message):
+    fields.setdefault("grid", {"fisher.target_fraction": [0.7]})
+    with pytest.raises(StudySpecError, match=re.escape(message)):
+        StudySpec.load(write_spec(tmp_path, **fields))
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"fisher.no_such_option": [1, 2]}, "no_such_option"),  # an unknown key
+        ({"fisher.target_fraction": [0.5, 7.0]}, "target_fraction must lie in"),  # a bad value
+    ],
+)
+def test_trials_whose_settings_are_refused_fail_before_any_trial_runs(tmp_path, grid, message):
+    spec = tiny_spec(tmp_path, grid=grid)
+    with pytest.raises(StudySpecError, match=message) as err:
+        run_study(spec, out=lambda _: None, **roots(tmp_path))
+    assert "nothing was run" in str(err.value)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_trial_ids_are_stable_and_distinct(tmp_path):
+    spec = tiny_spec(tmp_path, search_cost={"seeds": [0]})
+    ids = [t.id for t in spec.trials()]
+    assert len(ids) == len(set(ids)) == 6
+    assert ids == [t.id for t in tiny_spec(tmp_path, search_cost={"seeds": [0]}).trials()]
+    assert point_id({"a.b": 1, "c": "x"}) == point_id({"c": "x", "a.b": 1})
+    assert point_id({"a.b": 1}) != point_id({"a.c": 1})
+
+
+def test_width_multipliers_scale_every_width_of_a_wrn():
+    over = scaled_widths({"kind": "wide_resnet", "depth": 16, "widen_factor": 2, "exits": False}, 0.5)
+    net = over["model.init_args.net"]
+    assert (
+        net["stage_widths"] == [16, 32, 64] and net["stem_width"] == 8 and net["cells_per_stage"] == [2, 2, 2]
+    )
+    assert net["kind"] == "resnet_sdn" and net["depth"] is None and net["exits"] is False
+
+
+# -- the report's statistics --------------------------------------------------------------------------------
+def _point(family, accs, cost, costs=None):
+    p = PointStats(family, {"x": cost})
+    p.acc = list(accs)
+    p.costs = {"params": list(costs) if costs is not None else [cost] * len(accs)}
+    p.seeds = list(range(len(accs)))
+    return p
+
+
+def test_equal_cost_difference_interpolates_in_log_cost_and_matches_welch():
+    fam = [_point("b", [0.80, 0.82, 0.81], 100.0), _point("b", [0.90, 0.91, 0.92], 10_000.0)]
+    searched = _point(SEARCH := "search", [0.88, 0.87, 0.89], 1000.0)
+    d = at_equal_cost(searched, fam, "params")
+    # 1000 is halfway between 100 and 10000 in log: the family's mean is the mean of its two means
+    expected_base = (np.mean([0.80, 0.82, 0.81]) + np.mean([0.90, 0.91, 0.92])) / 2
+    assert d["baseline_acc"] == pytest.approx(expected_base)
+    assert d["delta"] == pytest.approx(0.88 - expected_base)
+    # at a family point itself, the interval is Welch's two-sample one (the oracle: scipy)
+    at_point = at_equal_cost(_point(SEARCH, [0.88, 0.87, 0.89], 100.0), fam, "params")
+    ref = stats.ttest_ind([0.88, 0.87, 0.89], [0.80, 0.82, 0.81], equal_var=False).confidence_interval(0.95)
+    assert (at_point["lo"], at_point["hi"]) == pytest.approx((ref.low, ref.high))
+    # never extrapolated
+    assert at_equal_cost(_point(SEARCH, [0.9, 0.9], 50.0), fam, "params") is None
+    assert at_equal_cost(_point(SEARCH, [0.9, 0.9], 20_000.0), fam, "params") is None
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(1.0, 0.5), (2.0, 0.7), (3.0, 0.6), (2.0, 0.65), (0.5, 0.4), (4.0, 0.9)]
+    assert pareto_front(pts) == [0, 1, 4, 5]
+    assert pareto_front([(1.0, math.nan)]) == []
+
+
+# -- running ---------------------------------------------------------------------------------------------
+def test_a_tiny_study_runs_on_the_local_engine_and_its_report_is_the_trials_figures(tmp_path):
+    spec = tiny_spec(tmp_path, search_cost={"seeds": [0]})
+    lines: list[str] = []
+    study = run_study(spec, jobs=2, out=lines.append, **roots(tmp_path))
+    records = {r["id"]: r for r in study.records()}
+    assert len(records) == 8 and all(r["status"] == "done" for r in records.values())
+    assert lines[-1].startswith("[tiny] done 8 / running 0 / left 0 (failed 0)")
+    assert any("ETA 00:" in ln for ln in lines)
+    # records hold the trials' own summaries, and each trial ran with its seed and point
+    for t in spec.trials():
+        s = json.loads((study.runs / t.id / "summary.json").read_text())
+        assert records[t.id]["summary"] == s and s["seed"] == t.seed
+        assert s["wall_s"]["fit"] > 0 and s["wall_s"]["test"] > 0
+    # the found-network trials trained what their searches found, without searching
+    for p in spec.search_points():
+        found = records[f"found/{point_id(p)}/seed0"]["summary"]
+        searched = records[f"search/{point_id(p)}/seed0"]["summary"]
+        assert found["arch"] == searched["arch"] and found["wall_s"]["search"] == 0.0
+    check_report_matches(study, tmp_path)
+    points, failed = collect(study)
+    assert not failed and all(p.n == 2 for p in points if p.family != "found")
+    md = (tmp_path / "report" / "tiny.md").read_text()
+    assert len(re.findall(r"\| \d+\.\d\dx \|", md)) == 2  # a search cost per searched point
+
+
+def test_a_tiny_study_runs_on_ray(tmp_path):
+    ray = pytest.importorskip("ray")
+    spec = tiny_spec(tmp_path, resources={"cpus": 1})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        study = run_study(spec, engine="ray", out=lambda _: None, **roots(tmp_path))
+    finally:
+        ray.shutdown()
+    records = study.records()
+    assert len(records) == 6 and all(r["status"] == "done" for r in records)
+    check_report_matches(study, tmp_path)
+
+
+def test_a_failing_trial_is_recorded_and_the_others_go_on(tmp_path):
+    # lr 1e12 passes every check but the loss is not finite after a step: train.py exits 1
+    spec = tiny_spec(tmp_path, grid={"model.init_args.optimizer.lr": [0.05, 1.0e12]}, seeds=[0], baselines={})
+    study = run_study(spec, jobs=1, out=lambda _: None, **roots(tmp_path))
+    by_point = {r["point"]["model.init_args.optimizer.lr"]: r for r in study.records()}
+    assert by_point[0.05]["status"] == "done"
+    bad = by_point[1.0e12]
+    assert bad["status"] == "failed" and "exit status 1" in bad["error"] and "finite" in bad["error"]
+    write_report(spec, study, tmp_path / "report", wandb=False)
+    assert "Failed trials" in (tmp_path / "report" / "tiny.md").read_text()
+    # a rerun does not retry it unless asked
+    again = run_study(spec, out=lambda _: None, **roots(tmp_path))
+    assert {r["id"]: r for r in again.records()} == {r["id"]: r for r in study.records()}
+
+
+def test_a_study_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path):
+    spec_path = write_spec(
+        tmp_path, grid={"fisher.target_fraction": [0.7, 0.8, 0.9]}, seeds=[0], name="killed"
+    )
+    spec = StudySpec.load(spec_path)
+    cmd = [sys.executable, "-m", "lit_nas.study", "run", str(spec_path)]
+    cmd += ["--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    study = Study(spec, tmp_path / "results", tmp_path / "runs")
+    first = study.record_path(spec.trials()[0])
+    second_log = study.runs / spec.trials()[1].id / "train.log"
+    deadline = time.time() + 120
+    while not (first.exists() and second_log.exists()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # polls a condition: the first trial recorded, the second one started
+    assert first.exists() and second_log.exists(), "the first trial never finished"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its running trial, at once
+    proc.wait()
+    done_before = {p: p.read_text() for p in study.results.rglob("*.json")}
+    assert 1 <= len(done_before) < 3
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    records = {r["id"]: r for r in study.records()}
+    assert len(records) == 3 and all(r["status"] == "done" for r in records.values())
+    for path, text in done_before.items():
+        assert path.read_text() == text  # finished trials were not redone
+        trial_log = study.runs / json.loads(text)["id"] / "train.log"
+        assert trial_log.read_text().count("\n$ ") == 1  # each ran once
+    # negative control: the trial the kill interrupted was started twice (resumed with --ckpt_path last)
+    redone = [i for i in records if study.results / f"{i}.json" not in done_before]
+    logs = [(study.runs / i / "train.log").read_text() for i in redone]
+    assert any(log.count("\n$ ") == 2 for log in logs)
+    assert "done 3 / running 0 / left 0 (failed 0)" in rerun.stdout
+    assert f"done {len(done_before)} / running 0" in rerun.stdout  # it knew what was done
+
+
+def test_costs_cover_the_summary_fields():
+    s = {
+        "mflops": {"0": 1.0, "3": 4.0},
+        "params": 100,
+        "nonzero_params": 40,
+        "device": {"exits": {"fp32": {"3": {"latency_ms": 2.5}}}},
+        "lut_latency_ms": None,
+    }
+    assert [COSTS[c][1](s) for c in ("params", "mflops", "latency_ms")] == [40, 4.0, 2.5]
+    s.update(nonzero_params=None, device=None, lut_latency_ms={"0": 1.0, "3": 3.0})
+    assert [COSTS[c][1](s) for c in ("params", "mflops", "latency_ms")] == [100, 4.0, 3.0]
