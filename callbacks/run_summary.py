@@ -11,7 +11,8 @@ know what a run found without opening its curves:
 - ``device`` latency and accuracy per precision and exit when ``DeviceBench`` ran;
 - ``wall_s``: ``fit`` (the training loop), split into ``search`` (until ``RetrainFromScratch`` restarts,
   or the whole loop when a search callback ran without a restart) and ``retrain`` (after the restart), then
-  ``after_fit`` (DeviceBench and the reload before testing) and ``test``;
+  ``after_fit`` (DeviceBench and the reload before testing) and ``test``; ``cpu_s``: the same split of the
+  loop in this process's CPU time (all threads), which other processes on the machine barely change;
 - ``found_arch`` and ``found_masks`` when a search wrote them.
 
 The CLI adds it to every fit. It is first written at fit end (so a run without a test has one) and again
@@ -75,17 +76,24 @@ class RunSummary(Callback):
         self.overrides = list(overrides or [])
         self.seed = seed
         self.lut = LatencyLUT.load(lut) if lut else None
-        self.elapsed_s = 0.0  # training-loop seconds before this process (a resume)
-        self.search_s: float | None = None  # loop seconds until the retraining restarted
-        self._t0: float | None = None
-        self._epoch_start_s = 0.0
+        # per clock (wall, this process's CPU): training-loop seconds before this process (a resume), and
+        # until the retraining restarted
+        self.elapsed_s = dict.fromkeys(_CLOCKS, 0.0)
+        self.search_s: dict[str, float] | None = None
+        self._t0: dict[str, float] | None = None
+        self._epoch_start_s = dict.fromkeys(_CLOCKS, 0.0)
         self._fit_end: float | None = None
         self._test_start: float | None = None
         self.wall: dict[str, float | None] = {}
+        self.cpu: dict[str, float | None] = {}
         self.summary: dict[str, Any] | None = None
 
-    def _loop_s(self) -> float:
-        return self.elapsed_s + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+    def _loop_s(self) -> dict[str, float]:
+        t0 = self._t0
+        return {
+            k: self.elapsed_s[k] + (clock() - t0[k] if t0 is not None else 0.0)
+            for k, clock in _CLOCKS.items()
+        }
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -93,7 +101,7 @@ class RunSummary(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = {k: clock() for k, clock in _CLOCKS.items()}
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -107,15 +115,14 @@ class RunSummary(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        fit = self._loop_s()
-        self.elapsed_s, self._t0 = fit, None
+        loop = self._loop_s()
+        self.elapsed_s, self._t0 = loop, None
         searched = any(_callback(trainer, name) is not None for name in _SEARCH_CLASSES)
-        restarted = self.search_s is not None
-        self.wall = {
-            "fit": fit,
-            "search": self.search_s if restarted else (fit if searched else 0.0),
-            "retrain": fit - self.search_s if restarted else 0.0,
-        }
+        split = {}
+        for k, fit in loop.items():
+            search = self.search_s[k] if self.search_s is not None else (fit if searched else 0.0)
+            split[k] = {"fit": fit, "search": search, "retrain": fit - search if self.search_s else 0.0}
+        self.wall, self.cpu = split["wall"], split["cpu"]
         self._fit_end = time.perf_counter()
 
     @override
@@ -165,6 +172,7 @@ class RunSummary(Callback):
             **network_figures(module.net, self.lut),
             "device": device_figures(getattr(device, "report", None)) if device is not None else None,
             "wall_s": dict(self.wall),
+            "cpu_s": dict(self.cpu),
             "found_arch": str(found) if found.is_file() else None,
             "found_masks": str(masks) if masks.is_file() else None,
         }
@@ -185,10 +193,13 @@ class RunSummary(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.elapsed_s = float(state_dict["elapsed_s"])
-        self.search_s = state_dict["search_s"]
+        elapsed, search = state_dict["elapsed_s"], state_dict["search_s"]
+        self.elapsed_s = {k: float(elapsed[k]) for k in _CLOCKS}
+        self.search_s = None if search is None else {k: float(search[k]) for k in _CLOCKS}
 
 
+#: the clocks of the training loop's time: wall, and this process's CPU time (all its threads)
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 #: callbacks whose presence makes the training loop a search
 _SEARCH_CLASSES = ("Growing", "SnipPruning", "FisherPruning", "SwitchL1", "GarbageCollection")
 

@@ -54,6 +54,8 @@ def test_summary_of_a_snip_search_retrained_from_scratch(tmp_path):
     assert wall["search"] > 0 and wall["retrain"] > 0
     assert wall["search"] + wall["retrain"] == wall["fit"]
     assert wall["test"] > 0 and wall["after_fit"] >= 0
+    cpu = s["cpu_s"]
+    assert cpu["search"] > 0 and cpu["retrain"] > 0 and cpu["search"] + cpu["retrain"] == cpu["fit"]
 
 
 def test_summary_counts_the_network_after_garbage_collection(tmp_path):
@@ -71,7 +73,7 @@ class Probe(RunSummary):
     """Records the loop time it starts training with (restored from the checkpoint, or 0)."""
 
     def on_train_start(self, trainer, pl_module):
-        self.start_elapsed = self.elapsed_s
+        self.start_elapsed = dict(self.elapsed_s)
         super().on_train_start(trainer, pl_module)
 
 
@@ -82,16 +84,16 @@ def test_a_resumed_run_keeps_the_loop_time_before_its_checkpoint(tmp_path):
     trainer.fit(tiny_module(), datamodule=data())
     checkpoint = torch.load(ckpt.last_model_path, weights_only=False)
     key = next(k for k in checkpoint["callbacks"] if "Probe" in k)
-    elapsed = checkpoint["callbacks"][key]["elapsed_s"]
+    elapsed = checkpoint["callbacks"][key]["elapsed_s"]["wall"]
     assert 0 < elapsed <= first.wall["fit"]
     resumed = Probe(str(tmp_path / "run2"), "tiny")
     trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[resumed], enable_checkpointing=False)
     trainer.fit(tiny_module(), datamodule=data(), ckpt_path=ckpt.last_model_path)
-    assert resumed.start_elapsed == elapsed and resumed.wall["fit"] > elapsed
+    assert resumed.start_elapsed["wall"] == elapsed and resumed.wall["fit"] > elapsed
     # negative control: the same checkpoint without this callback's state starts counting from 0
     del checkpoint["callbacks"][key]
     torch.save(checkpoint, tmp_path / "stripped.ckpt")
     fresh = Probe(str(tmp_path / "run3"), "tiny")
     trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[fresh], enable_checkpointing=False)
     trainer.fit(tiny_module(), datamodule=data(), ckpt_path=str(tmp_path / "stripped.ckpt"))
-    assert fresh.start_elapsed == 0.0
+    assert fresh.start_elapsed == {"wall": 0.0, "cpu": 0.0}

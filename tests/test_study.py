@@ -201,7 +201,7 @@ def test_a_tiny_study_runs_on_the_local_engine_and_its_report_is_the_trials_figu
     points, failed = collect(study)
     assert not failed and all(p.n == 2 for p in points if p.family != "found")
     md = (tmp_path / "report" / "tiny.md").read_text()
-    assert len(re.findall(r"\| \d+\.\d\dx \|", md)) == 2  # a search cost per searched point
+    assert len(re.findall(r"\| \d+\.\d\dx; \d+\.\d\dx \|", md)) == 2  # search cost, wall; CPU
 
 
 def test_a_tiny_study_runs_on_ray(tmp_path):

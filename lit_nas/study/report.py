@@ -11,7 +11,8 @@ regenerate it from the committed ``studies/results/NAME/trials``:
   extrapolated: outside its cost range there is no figure), with a 95% Welch interval from the seeds'
   spread on both sides (the family's standard deviation interpolated the same way).
 - The search cost: a searched trial's training-loop time (search, and retraining if any) divided by that of
-  the plain training of the network it found with the same recipe (the ``found`` trials, same study).
+  the plain training of the network it found with the same recipe (the ``found`` trials, same study), in
+  wall time and in CPU time.
 - ``NAME_<cost>.png``: accuracy vs parameters, MFLOPs and (when measured) latency, searched series against
   the baseline families, error bars of one standard deviation on both axes, the Pareto front ringed.
 """
@@ -77,6 +78,7 @@ class PointStats:
     acc: list[float] = field(default_factory=list)
     costs: dict[str, list[float]] = field(default_factory=dict)
     fit_s: dict[int, float] = field(default_factory=dict)
+    cpu_s: dict[int, float] = field(default_factory=dict)
 
     @property
     def id(self) -> str:  # noqa: D102
@@ -115,6 +117,8 @@ def collect(study: Study) -> tuple[list[PointStats], list[dict[str, Any]]]:
             if value is not None:
                 p.costs.setdefault(name, []).append(float(value))
         p.fit_s[int(rec["seed"])] = float(s["wall_s"]["fit"])
+        if (s.get("cpu_s") or {}).get("fit"):
+            p.cpu_s[int(rec["seed"])] = float(s["cpu_s"]["fit"])
     order = {f"{SEARCH}/{point_id(p)}": i for i, p in enumerate(study.spec.search_points())}
     for i, fam in enumerate(study.spec.baselines):
         for j, (label, _) in enumerate(study.spec.family_points(fam)):
@@ -163,12 +167,17 @@ def at_equal_cost(point: PointStats, family: list[PointStats], cost: str) -> dic
     return out
 
 
-def search_cost(point: PointStats, found: dict[str, PointStats]) -> float | None:
-    """Mean over the found trials' seeds of (searched training-loop time) / (found network's plain one)."""
+def search_cost(point: PointStats, found: dict[str, PointStats], clock: str = "wall") -> float | None:
+    """Mean over the found trials' seeds of (searched training-loop time) / (found network's plain one).
+
+    ``clock``: ``wall`` (what a user waits) or ``cpu`` (the process's CPU time, which other processes on
+    the machine barely change: the fairer ratio when trials ran next to different neighbours).
+    """
     plain = found.get(point_id(point.point))
     if plain is None:
         return None
-    ratios = [point.fit_s[s] / t for s, t in plain.fit_s.items() if s in point.fit_s and t > 0]
+    mine, theirs = (point.fit_s, plain.fit_s) if clock == "wall" else (point.cpu_s, plain.cpu_s)
+    ratios = [mine[s] / t for s, t in theirs.items() if s in mine and t > 0]
     return float(np.mean(ratios)) if ratios else None
 
 
@@ -219,6 +228,7 @@ def table_rows(spec: StudySpec, points: list[PointStats]) -> list[dict[str, Any]
             row[f"{cost}_mean"], row[f"{cost}_std"] = p.mean(cost), p.std(cost)
         row["fit_s_mean"] = float(np.mean(list(p.fit_s.values())))
         row["search_cost"] = search_cost(p, found) if p.family == SEARCH else None
+        row["search_cost_cpu"] = search_cost(p, found, "cpu") if p.family == SEARCH else None
         for name, fam in families.items():
             for cost in COSTS:
                 d = at_equal_cost(p, fam, cost) if p.family == SEARCH else None
@@ -259,7 +269,9 @@ def markdown(spec: StudySpec, rows: list[dict[str, Any]], failed: list[dict[str,
             "Searched minus baseline accuracy at equal cost (points; 95% interval; '-': outside the family's "
             "cost range)",
             "",
-            "| point | " + " | ".join(f"vs {f} at equal {c}" for f, c in cols) + " | search cost |",
+            "| point | "
+            + " | ".join(f"vs {f} at equal {c}" for f, c in cols)
+            + " | search cost (wall; CPU) |",
             "|---|" + "---|" * (len(cols) + 1),
         ]
         for r in rows:
@@ -274,8 +286,8 @@ def markdown(spec: StudySpec, rows: list[dict[str, Any]], failed: list[dict[str,
                     cells.append(f"{100 * d:+.2f}")
                 else:
                     cells.append(f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")
-            sc = r["search_cost"]
-            cells.append("-" if sc is None else f"{sc:.2f}x")
+            sc, cpu = r["search_cost"], r["search_cost_cpu"]
+            cells.append(("-" if sc is None else f"{sc:.2f}x") + ("" if cpu is None else f"; {cpu:.2f}x"))
             lines.append(f"| {r['point']} | " + " | ".join(cells) + " |")
     if failed:
         lines += ["", "Failed trials:", ""]
