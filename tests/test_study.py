@@ -146,6 +146,17 @@ def test_width_multipliers_scale_every_width_of_a_wrn():
     assert net["kind"] == "resnet_sdn" and net["depth"] is None and net["exits"] is False
 
 
+def test_a_width_multiplier_keeps_the_familys_own_net_overrides(tmp_path):
+    spec = tiny_spec(
+        tmp_path,
+        overrides={**FAST, "model.init_args.net.exit_pool": 2},
+        baselines={"plain": {"overrides": {"model.init_args.net.dense": True}, "width_multipliers": [0.5]}},
+    )
+    ((_, over),) = spec.family_points(spec.baselines[0])
+    net = over["model.init_args.net"]
+    assert net["dense"] is True and net["exit_pool"] == 2 and net["stage_widths"] == [2, 4, 4]
+
+
 # -- the report's statistics --------------------------------------------------------------------------------
 def _point(family, accs, cost, costs=None):
     p = PointStats(family, {"x": cost})

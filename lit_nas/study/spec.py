@@ -241,7 +241,8 @@ class StudySpec:
         for width in widths:
             for point in _product(family.grid):
                 # the whole net first, so a grid key of the family (cells_per_stage, ...) still applies
-                over = scaled_widths(self.net_config(), width) if width is not None else {}
+                net = self.net_config(family.overrides)
+                over = scaled_widths(net, width) if width is not None else {}
                 over.update(point)
                 label = dict(point)
                 if width is not None:
@@ -296,12 +297,17 @@ class StudySpec:
         logger = (data.get("trainer") or {}).get("logger")
         return isinstance(logger, dict) and "WandbLogger" in str(logger.get("class_path", ""))
 
-    def net_config(self) -> dict[str, Any]:
-        """The base net recipe (``model.init_args.net``) with the study's overrides applied."""
+    def net_config(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The base net recipe (``model.init_args.net``) with the study's overrides, then ``extra``, applied.
+
+        A width multiplier overrides the whole net recipe, so it must start from every override of it.
+        """
         data = yaml.safe_load(self.config.read_text()) or {}
         net = dict(((data.get("model") or {}).get("init_args") or {}).get("net") or {})
-        for key, value in self.overrides.items():
-            if key.startswith(NET + "."):
+        for key, value in [*self.overrides.items(), *(extra or {}).items()]:
+            if key == NET and isinstance(value, Mapping):
+                net.update(value)
+            elif key.startswith(NET + "."):
                 net[key[len(NET) + 1 :]] = value
         return net
 
