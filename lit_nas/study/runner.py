@@ -270,7 +270,8 @@ def run_study(
     cost_searched = [t for t in trials if t.family == SEARCH and t.seed in spec.search_cost_seeds]
     total = len(trials) + len(cost_searched)
     first = pending(trials)
-    found_done = sum(study.record(spec.found_placeholder(t)) is not None for t in cost_searched)
+    counted = {t.id for t in cost_searched if study.record(spec.found_placeholder(t)) is not None}
+    found_done = len(counted)
     parallel = jobs if engine == "local" else max(1, jobs)
     progress = Progress(
         spec.name, total, total - len(first) - (len(cost_searched) - found_done), parallel, out
@@ -290,6 +291,8 @@ def run_study(
         placeholder = spec.found_placeholder(t)
         rec = study.record(placeholder)
         if rec is not None and not (retry_failed and rec["status"] == "failed"):
+            if t.id not in counted:  # finished meanwhile by another driver
+                progress.done += 1
             continue
         searched = study.record(t)
         trial = (
