@@ -312,16 +312,13 @@ def run_study(
     return study
 
 
-Executor = Callable[[list[Job], list[Trial], int, Progress, Callable[[Trial, dict[str, Any]], None]], None]
+#: records a finished trial (the driver writes its record and updates the progress)
+Finish = Callable[[Trial, dict[str, Any]], None]
+#: runs jobs (with their trials) ``n`` at a time, calling ``finish`` as each one ends
+Executor = Callable[[list[Job], list[Trial], int, Progress, Finish], None]
 
 
-def _local(
-    jobs: list[Job],
-    trials: list[Trial],
-    n: int,
-    progress: Progress,
-    finish: Callable[[Trial, dict[str, Any]], None],
-) -> None:
+def _local(jobs: list[Job], trials: list[Trial], n: int, progress: Progress, finish: Finish) -> None:
     if n == 1:
         for job, trial in zip(jobs, trials):
             progress.started(trial)
@@ -354,13 +351,7 @@ def _ray_engine(spec: StudySpec, address: str | None) -> Executor:
             "--engine ray needs Ray: pip install -e '.[study]' (or pip install ray)"
         ) from err
 
-    def execute(
-        jobs: list[Job],
-        trials: list[Trial],
-        n: int,
-        progress: Progress,
-        finish: Callable[[Trial, dict[str, Any]], None],
-    ) -> None:
+    def execute(jobs: list[Job], trials: list[Trial], n: int, progress: Progress, finish: Finish) -> None:
         if not jobs:
             return
         if not ray.is_initialized():

@@ -269,14 +269,15 @@ class StudySpec:
         arch = summary.get("found_arch")
         if not arch:
             return None
-        args = list(searched.args[len(self._base_args()) :])
-        if self.wandb_logger():
-            args[-1] = f"{self.name}/{FOUND}/{searched.point_id}/seed{searched.seed}"
-        args += ["--model.init_args.arch_spec", str(arch)]
+        args = [
+            *override_args(self.point_overrides(searched.point)),
+            "--model.init_args.arch_spec",
+            str(arch),
+        ]
         if summary.get("found_masks"):
             args += ["--model.init_args.masks", str(summary["found_masks"])]
         args += [a for key in FOUND_OFF for a in (f"--{key}", "null")]
-        return Trial(FOUND, searched.point, searched.seed, (*self._base_args(), *args))
+        return self._trial(FOUND, searched.point, searched.seed, args)
 
     def found_placeholder(self, searched: Trial) -> Trial:
         """The found-network trial of ``searched`` before its search ran (its id, for counting)."""
