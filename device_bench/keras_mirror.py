@@ -53,11 +53,23 @@ class _Builder:
         layer.set_weights([self.w[f"{name}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")])
         return y
 
-    def relu(self, x: Any, name: str) -> Any:
-        return keras.layers.ReLU(name=name)(x)
+    def depthwise(self, x: Any, name: str, stride: int = 1) -> Any:
+        w = self.w[f"{name}.weight"]  # (C, 1, kh, kw)
+        k = w.shape[-1]
+        padding = "same"
+        if stride > 1:
+            x = keras.layers.ZeroPadding2D(k // 2, name=f"{name}.pad")(x)
+            padding = "valid"
+        layer = keras.layers.DepthwiseConv2D(k, strides=stride, padding=padding, use_bias=False, name=name)
+        y = layer(x)
+        layer.set_weights([np.transpose(w, (2, 3, 0, 1))])  # -> (kh, kw, C, 1)
+        return y
 
-    def stem(self, x: Any, name: str) -> Any:
-        return self.relu(self.bn(self.conv(x, f"{name}.conv"), f"{name}.bn"), f"{name}.relu")
+    def relu(self, x: Any, name: str, act: str = "relu") -> Any:
+        return keras.layers.ReLU(max_value=6.0 if act == "relu6" else None, name=name)(x)
+
+    def stem(self, x: Any, name: str, act: str = "relu") -> Any:
+        return self.relu(self.bn(self.conv(x, f"{name}.conv"), f"{name}.bn"), f"{name}.relu", act)
 
     def squeeze_excite(self, x: Any, name: str) -> Any:
         s = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}.pool")(x)
@@ -76,6 +88,31 @@ class _Builder:
         if cell["projection"]:
             short = self.bn(self.conv(residual, f"{name}.shortcut.0", cell["stride"]), f"{name}.shortcut.1")
         return self.relu(keras.layers.Add(name=f"{name}.add")([out, short]), f"{name}.relu2")
+
+    def dwsep_cell(self, x: Any, name: str, cell: dict[str, Any], act: str) -> Any:
+        out = self.relu(
+            self.bn(self.depthwise(x, f"{name}.dw", cell["stride"]), f"{name}.bn1"), f"{name}.act1", act
+        )
+        out = self.relu(self.bn(self.conv(out, f"{name}.pw"), f"{name}.bn2"), f"{name}.act2", act)
+        return self.squeeze_excite(out, f"{name}.se") if cell.get("se", 0) else out
+
+    def inverted_cell(self, x: Any, name: str, cell: dict[str, Any], act: str) -> Any:
+        out = self.relu(self.bn(self.conv(x, f"{name}.expand"), f"{name}.bn1"), f"{name}.act1", act)
+        out = self.relu(
+            self.bn(self.depthwise(out, f"{name}.dw", cell["stride"]), f"{name}.bn2"), f"{name}.act2", act
+        )
+        out = self.bn(self.conv(out, f"{name}.project"), f"{name}.bn3")
+        if cell.get("se", 0):
+            out = self.squeeze_excite(out, f"{name}.se")
+        return keras.layers.Add(name=f"{name}.add")([out, x]) if cell["residual"] else out
+
+    def any_cell(self, x: Any, residual: Any, name: str, cell: dict[str, Any], act: str) -> Any:
+        op = cell.get("op", "basic")
+        if op == "dwsep":
+            return self.dwsep_cell(x, name, cell, act)
+        if op == "inverted":
+            return self.inverted_cell(x, name, cell, act)
+        return self.cell(x, residual, name, cell)
 
     def dense_input(self, feats: list[Any], sizes: list[int], name: str) -> Any:
         size = sizes[len(feats) - 1]
@@ -130,13 +167,14 @@ def build_mirror(plan: dict[str, Any], weights: dict[str, np.ndarray]) -> tuple[
     feats: list[Any] = []
     outputs: dict[str, Any] = {}
     for b, cells in enumerate(plan["blocks"][: spec["active_blocks"]]):
+        act = spec.get("activation", "relu")
         if b == 0:
-            feats.append(build.stem(image, "blocks.0.stem"))
+            feats.append(build.stem(image, "blocks.0.stem", act))
         for k, i in enumerate(cells):
             name = f"blocks.{b}.cells.{k}"
             prev = feats[-1]
             x = build.dense_input(feats, sizes, name) if spec["dense"] else prev
-            feats.append(build.cell(x, prev, name, spec["cells"][i]))
+            feats.append(build.any_cell(x, prev, name, spec["cells"][i], act))
         head = plan["exits"].get(str(b))
         if head is not None:
             outputs[f"exit{b}"] = build.exit_head(feats[-1], f"exits.{b}", head, f"exit{b}")
@@ -147,9 +185,10 @@ def build_layer(cfg: dict[str, Any], seed: int = 0) -> Any:
     """A one-layer Keras model for a latency look-up table entry, with random weights.
 
     ``cfg`` (from :func:`device_bench.lut.table_layers`): ``op`` is ``conv`` (``k``, ``stride``,
-    ``relu``: conv -> BN [-> ReLU], as in the network), ``add`` (residual addition and ReLU) or ``head`` (an
-    exit head: ``kernel``, ``mixed``, ``classes``), at input resolution ``res`` with ``cin`` input and
-    ``cout`` output channels.
+    ``relu``, ``act``: conv -> BN [-> ReLU or ReLU6], as in the network), ``dw`` (depthwise ``k`` x ``k``
+    conv -> BN -> ``act`` over ``cin`` channels), ``add`` (residual addition, and its ReLU unless ``relu``
+    is false) or ``head`` (an exit head: ``kernel``, ``mixed``, ``classes``), at input resolution ``res``
+    with ``cin`` input and ``cout`` output channels.
     """
     rng = np.random.default_rng(seed)
     res, cin, cout = cfg["res"], cfg["cin"], cfg["cout"]
@@ -163,9 +202,17 @@ def build_layer(cfg: dict[str, Any], seed: int = 0) -> Any:
         w.update({f"n.{n}": np.zeros(cout, np.float32) for n in ("bias", "running_mean")})
         y = build.bn(build.conv(x, "l", cfg["stride"]), "n")
         if cfg["relu"]:
-            y = build.relu(y, "r")
+            y = build.relu(y, "r", cfg.get("act", "relu"))
+    elif cfg["op"] == "dw":
+        k = cfg["k"]
+        w["l.weight"] = rng.standard_normal((cin, 1, k, k)).astype(np.float32) * 0.1
+        w.update({f"n.{n}": np.ones(cin, np.float32) for n in ("weight", "running_var")})
+        w.update({f"n.{n}": np.zeros(cin, np.float32) for n in ("bias", "running_mean")})
+        y = build.relu(build.bn(build.depthwise(x, "l", cfg["stride"]), "n"), "r", cfg["act"])
     elif cfg["op"] == "add":
-        y = build.relu(keras.layers.Add(name="add")([x, x]), "r")
+        y = keras.layers.Add(name="add")([x, x])
+        if cfg.get("relu", True):
+            y = build.relu(y, "r")
     elif cfg["op"] == "head":
         s = res // cfg["kernel"]
         w["h.linear.weight"] = rng.standard_normal((cfg["classes"], cin * s * s)).astype(np.float32) * 0.1
@@ -174,5 +221,5 @@ def build_layer(cfg: dict[str, Any], seed: int = 0) -> Any:
         head = {"kernel": cfg["kernel"], "mixed": cfg["mixed"], "out_size": s, "channels": cin}
         y = build.exit_head(x, "h", head, "out")
     else:
-        raise ValueError(f"unknown layer op {cfg['op']!r}; valid choices: ['conv', 'add', 'head']")
+        raise ValueError(f"unknown layer op {cfg['op']!r}; valid choices: ['add', 'conv', 'dw', 'head']")
     return keras.Model(x, {"out": y})

@@ -13,13 +13,17 @@ Users rarely write an ArchSpec by hand: :class:`NetConfig` is the short recipe f
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 SPEC_VERSION = 1
+#: cell kinds: the basic residual cell (ResNet, WRN), MobileNetV1's depthwise-separable cell and
+#: MobileNetV2's inverted residual (also MnasNet's)
+CELL_OPS = ("basic", "dwsep", "inverted")
+ACTIVATIONS = ("relu", "relu6")
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,28 @@ class DataShape:
 
 @dataclass
 class CellSpec:
-    """One basic residual cell: conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus shortcut, ReLU.
+    """One cell of a network; ``op`` says which.
+
+    - ``basic``: conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus shortcut, ReLU (ResNet, WRN);
+    - ``dwsep``: depthwise kxk(stride) -> BN -> act -> pointwise 1x1 -> BN -> act (MobileNetV1); the depthwise
+      conv keeps its input's channels, so the cell has no inner width of its own (``mid`` is 0);
+    - ``inverted``: 1x1 expand -> BN -> act -> depthwise kxk(stride) -> BN -> act -> 1x1 project -> BN, plus
+      an identity shortcut where ``residual`` (MobileNetV2, MnasNet; no activation after the addition).
 
     Attributes:
-        mid: output channels of the first conv (free to prune: nothing else is tied to it).
+        mid: the cell's inner width, free to prune (nothing outside the cell is tied to it): the first
+            conv's outputs (basic), the expansion width (inverted); 0 for ``dwsep``.
         out: output channels of the cell (tied to the residual stream when the shortcut is an identity).
-        stride: stride of the first conv and of the shortcut (1 or 2).
-        projection: shortcut is a 1x1 conv + BN instead of an identity. Stored explicitly (not derived from
-            the widths) so that a pruned cell whose in/out widths happen to become equal keeps its weights.
-        se: hidden width of a Squeeze-and-Excitation gate on the residual branch (0: none). Stored, not
-            derived from ``out``, so the SE layers keep their shape when ``out`` is pruned.
+        stride: stride of the first spatial conv and of the shortcut (1 or 2).
+        projection: shortcut is a 1x1 conv + BN instead of an identity (``basic`` only). Stored explicitly
+            (not derived from the widths) so that a pruned cell whose in/out widths happen to become equal
+            keeps its weights.
+        se: hidden width of a Squeeze-and-Excitation gate at the end of the cell's branch (0: none). Stored,
+            not derived from ``out``, so the SE layers keep their shape when ``out`` is pruned.
+        op: the cell kind, one of :data:`CELL_OPS`.
+        kernel: side of the depthwise kernel (``dwsep``, ``inverted``: 3 or 5; ``basic``: 3).
+        residual: the cell has a shortcut; MobileNetV1's cells and MobileNetV2's strided or widening ones
+            have none (``basic`` cells always have one).
     """
 
     mid: int
@@ -56,6 +72,9 @@ class CellSpec:
     stride: int = 1
     projection: bool = False
     se: int = 0
+    op: str = "basic"
+    kernel: int = 3
+    residual: bool = True
 
 
 @dataclass
@@ -77,6 +96,11 @@ class ArchSpec:
             (average-pooled to its input resolution); the shortcut still comes from the previous cell.
         exit_pool: internal classifiers pool feature maps down to about ``exit_pool`` x ``exit_pool`` with a
             learned max/avg mix (SDN); the final exit pools globally.
+        activation: ``relu`` or ``relu6`` (the mobile families) after the stem and inside the cells.
+        dropout: drop rate before the final classifier (training only; 0: none).
+        gated: the channel groups that carry a channel gate (:mod:`lit_nas.gates`) and its kind (``mask``:
+            frozen 0/1, Fisher pruning; ``switch``: trained, ShrinkNets), so a checkpoint rebuilds them;
+            set when a callback gates groups, cleared when the gates are folded.
         version: format version of this spec.
     """
 
@@ -91,12 +115,16 @@ class ArchSpec:
     active_blocks: int
     dense: bool = False
     exit_pool: int = 4
+    activation: str = "relu"
+    dropout: float = 0.0
+    gated: dict[str, str] = field(default_factory=dict)
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
         self.cells = [c if isinstance(c, CellSpec) else CellSpec(**c) for c in self.cells]
         self.block_cells = list(self.block_cells)
         self.exits = list(self.exits)
+        self.gated = dict(self.gated)
         self.validate()
 
     # ----------------------------------------------------------------------------------------------------
@@ -156,25 +184,25 @@ class ArchSpec:
                 raise ValueError(f"ArchSpec.{name} must be >= 1; got {getattr(self, name)}")
         if not self.cells:
             raise ValueError("ArchSpec.cells is empty: a network needs at least one cell")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"ArchSpec.activation {self.activation!r} is not one of {list(ACTIVATIONS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ArchSpec.dropout must be in [0, 1); got {self.dropout}")
+        bad = {g: k for g, k in self.gated.items() if k not in ("mask", "switch")}
+        if bad:
+            raise ValueError(f"ArchSpec.gated kinds must be 'mask' or 'switch'; got {bad}")
         prev = self.stem_width
         size = self.input_size
         for i, c in enumerate(self.cells):
-            if c.mid < 1 or c.out < 1:
-                raise ValueError(f"cell {i}: widths must be >= 1; got mid={c.mid}, out={c.out}")
-            if c.se < 0:
-                raise ValueError(f"cell {i}: se (SE hidden width) must be >= 0 (0: no SE); got {c.se}")
-            if c.stride not in (1, 2):
-                raise ValueError(f"cell {i}: stride must be 1 or 2; got {c.stride}")
-            if not c.projection and (c.stride != 1 or c.out != prev):
-                raise ValueError(
-                    f"cell {i}: an identity shortcut needs stride 1 and out == input width ({prev}); got "
-                    f"stride={c.stride}, out={c.out}; set projection: true"
-                )
+            _check_cell(i, c, prev)
             size = _strided(size, c.stride)
             prev = c.out
         if size < 1:
             raise ValueError(f"input_size {self.input_size} is too small for the strides of the cells")
         if self.dense:
+            mobile = sorted({c.op for c in self.cells} - {"basic"})
+            if mobile:
+                raise ValueError(f"dense connections need basic cells; this network has {mobile} cells")
             self._check_dense_pooling()
         if any(n < 1 for n in self.block_cells):
             raise ValueError(f"every block needs at least one cell; got block_cells={self.block_cells}")
@@ -255,6 +283,34 @@ class ArchSpec:
         if not path.is_file():
             raise FileNotFoundError(f"ArchSpec file {str(path)!r} does not exist")
         return cls.from_dict(yaml.safe_load(path.read_text()))  # YAML is a superset of JSON
+
+
+def _check_cell(i: int, c: CellSpec, prev: int) -> None:
+    """Raise ``ValueError`` naming what is wrong with cell ``i`` (``prev``: its input width)."""
+    if c.op not in CELL_OPS:
+        raise ValueError(f"cell {i}: op {c.op!r} is not one of {list(CELL_OPS)}")
+    if c.out < 1 or (c.mid < 1 and c.op != "dwsep"):
+        raise ValueError(f"cell {i}: widths must be >= 1; got mid={c.mid}, out={c.out}")
+    if c.op == "dwsep" and c.mid != 0:
+        raise ValueError(
+            f"cell {i}: a dwsep cell has no inner width (its depthwise conv keeps the input's {prev} "
+            f"channels): mid must be 0; got {c.mid}"
+        )
+    if c.se < 0:
+        raise ValueError(f"cell {i}: se (SE hidden width) must be >= 0 (0: no SE); got {c.se}")
+    if c.stride not in (1, 2):
+        raise ValueError(f"cell {i}: stride must be 1 or 2; got {c.stride}")
+    if c.kernel not in (3, 5) or (c.op == "basic" and c.kernel != 3):
+        raise ValueError(f"cell {i}: kernel must be 3 or 5 (a basic cell's is 3); got {c.kernel} ({c.op})")
+    if c.op == "basic" and not c.residual:
+        raise ValueError(f"cell {i}: a basic cell always has a shortcut (residual: true)")
+    if c.op != "basic" and c.projection:
+        raise ValueError(f"cell {i}: only basic cells have projection shortcuts; got a {c.op} cell")
+    if c.residual and not c.projection and (c.stride != 1 or c.out != prev):
+        raise ValueError(
+            f"cell {i}: an identity shortcut needs stride 1 and out == input width ({prev}); got "
+            f"stride={c.stride}, out={c.out}; set projection: true (basic) or residual: false"
+        )
 
 
 def _strided(size: int, stride: int) -> int:

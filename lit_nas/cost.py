@@ -127,8 +127,9 @@ def channel_flops(net: MultiExitNet) -> dict[str, int]:
         for where in (*g.producers, *g.consumers):
             m = modules[where.module]
             if isinstance(m, nn.Conv2d):
-                k = m.kernel_size[0] * m.kernel_size[1] * out_area[where.module] // m.groups
-                total += 2 * k * (m.in_channels if where.dim == 0 else m.out_channels)
+                # a filter reads in_channels / groups inputs (1 for a depthwise conv)
+                k = m.kernel_size[0] * m.kernel_size[1] * out_area[where.module]
+                total += 2 * k * (m.in_channels if where.dim == 0 else m.out_channels) // m.groups
             elif isinstance(m, nn.Linear):
                 total += 2 * (m.in_features if where.dim == 0 else m.out_features * where.per_channel)
         costs[g.name] = total

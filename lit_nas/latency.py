@@ -3,9 +3,13 @@
 A network's latency is predicted as the sum of the latencies of its layers, each read from a table measured
 on the device for that layer type at that resolution over a grid of input/output channels:
 
-- ``conv<k>_s<stride>_r<res>[_relu]``: a k x k convolution (+ BatchNorm, folded, [+ ReLU, fused]) reading a
-  ``res`` x ``res`` map; the 3x3 convs of the stem and the cells, the 1x1 projection shortcuts;
-- ``add_r<res>``: a residual addition and its ReLU, over ``cin`` channels;
+- ``conv<k>_s<stride>_r<res>[_relu|_relu6]``: a k x k convolution (+ BatchNorm, folded, [+ ReLU or ReLU6,
+  fused]) reading a ``res`` x ``res`` map; the 3x3 convs of the stem and the basic cells, the 1x1 projection
+  shortcuts, the pointwise (1x1) convs of the mobile cells (expand, project, MobileNetV1's pointwise);
+- ``dw<k>_s<stride>_r<res>_<act>``: a depthwise k x k convolution (+ BatchNorm + activation) over ``cin``
+  channels (1-D table);
+- ``add_r<res>``: a residual addition and its ReLU, over ``cin`` channels; ``addlin_r<res>``: the addition
+  of an inverted residual (no activation after it);
 - ``head_k<kernel>_<mixed|avg>_r<res>_n<classes>``: an exit head (pooling, linear) over ``cin`` channels;
 
 plus the fixed cost of one interpreter invocation (``overhead_ms``). Tables are smoothed with a 2-D Gaussian
@@ -40,10 +44,53 @@ class Layer:
     config: tuple[tuple[str, Any], ...] = ()  # what the one-layer model is (see keras_mirror.build_layer)
 
 
-def _conv(k: int, stride: int, res: int, cin: int, cout: int, relu: bool) -> Layer:
-    key = f"conv{k}_s{stride}_r{res}" + ("_relu" if relu else "")
-    cfg = {"op": "conv", "k": k, "stride": stride, "res": res, "relu": relu}
+def _conv(k: int, stride: int, res: int, cin: int, cout: int, relu: bool | str) -> Layer:
+    # relu: False (no activation), True (ReLU) or an activation name ("relu", "relu6")
+    act = "relu" if relu is True else (relu or "")
+    key = f"conv{k}_s{stride}_r{res}" + (f"_{act}" if act else "")
+    cfg: dict[str, Any] = {"op": "conv", "k": k, "stride": stride, "res": res, "relu": bool(act)}
+    if act == "relu6":  # the ReLU tables keep their configuration (and their files) unchanged
+        cfg["act"] = act
     return Layer(key, cin, cout, tuple(sorted(cfg.items())))
+
+
+def _depthwise(k: int, stride: int, res: int, channels: int, act: str) -> Layer:
+    cfg = {"op": "dw", "k": k, "stride": stride, "res": res, "act": act}
+    return Layer(f"dw{k}_s{stride}_r{res}_{act}", channels, 0, tuple(sorted(cfg.items())))
+
+
+def _add(res: int, channels: int, relu: bool) -> Layer:
+    cfg: dict[str, Any] = {"op": "add", "res": res}
+    if not relu:
+        cfg["relu"] = False
+    return Layer(f"{'add' if relu else 'addlin'}_r{res}", channels, 0, tuple(sorted(cfg.items())))
+
+
+def cell_layers(spec: ArchSpec, i: int) -> list[Layer]:
+    """The layers of cell ``i`` of ``spec`` (see the module docstring for the table keys)."""
+    c = spec.cells[i]
+    widths, sizes, in_widths = spec.feature_widths(), spec.feature_sizes(), spec.cell_input_widths()
+    act = spec.activation
+    res, res_out, cin = sizes[i], sizes[i + 1], in_widths[i]
+    if c.op == "dwsep":
+        return [
+            _depthwise(c.kernel, c.stride, res, cin, act),
+            _conv(1, 1, res_out, cin, c.out, act),
+        ]
+    if c.op == "inverted":
+        layers = [
+            _conv(1, 1, res, cin, c.mid, act),
+            _depthwise(c.kernel, c.stride, res, c.mid, act),
+            _conv(1, 1, res_out, c.mid, c.out, False),
+        ]
+        return [*layers, _add(res_out, c.out, relu=False)] if c.residual else layers
+    layers = [
+        _conv(3, c.stride, res, cin, c.mid, act),
+        _conv(3, 1, res_out, c.mid, c.out, False),
+    ]
+    if c.projection:
+        layers.append(_conv(1, c.stride, res, widths[i], c.out, False))
+    return [*layers, _add(res_out, c.out, relu=True)]
 
 
 def spec_layers(spec: ArchSpec, exits: Sequence[int] | None = None) -> list[Layer]:
@@ -58,17 +105,11 @@ def spec_layers(spec: ArchSpec, exits: Sequence[int] | None = None) -> list[Laye
     bad = [e for e in exits if e not in spec.exit_blocks()]
     if bad:
         raise ValueError(f"exits {bad} are not active exits; valid choices: {spec.exit_blocks()}")
-    widths, sizes, in_widths = spec.feature_widths(), spec.feature_sizes(), spec.cell_input_widths()
-    layers = [_conv(3, 1, spec.input_size, spec.in_channels, spec.stem_width, relu=True)]
+    widths, sizes = spec.feature_widths(), spec.feature_sizes()
+    layers = [_conv(3, 1, spec.input_size, spec.in_channels, spec.stem_width, spec.activation)]
     for b in range(exits[-1] + 1):
         for i in spec.cells_of_block(b):
-            c = spec.cells[i]
-            layers.append(_conv(3, c.stride, sizes[i], in_widths[i], c.mid, relu=True))
-            layers.append(_conv(3, 1, sizes[i + 1], c.mid, c.out, relu=False))
-            if c.projection:
-                layers.append(_conv(1, c.stride, sizes[i], widths[i], c.out, relu=False))
-            cfg = {"op": "add", "res": sizes[i + 1]}
-            layers.append(Layer(f"add_r{sizes[i + 1]}", c.out, 0, tuple(sorted(cfg.items()))))
+            layers += cell_layers(spec, i)
         if b in exits:
             feat = spec.cells_of_block(b)[-1] + 1
             final = b == spec.num_blocks - 1

@@ -23,7 +23,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_nas.arch import ArchSpec, DataShape
 from lit_nas.cost import CostReport, count_costs, format_costs
 from lit_nas.early_exit import EarlyExitResult, early_exit, format_table
-from lit_nas.gates import ensure_gates
 from lit_nas.masks import (
     apply_masks,
     attach_masks,
@@ -479,7 +478,6 @@ class MultiExitModule(L.LightningModule):
                 self.set_arch_spec(spec, rebuild=True)
         # masks are buffers created by pruning: a fresh network lacks them until the weights load into them
         ensure_mask_buffers(self, checkpoint.get("state_dict", {}))
-        ensure_gates(self.net, checkpoint.get("state_dict", {}), prefix="net.")  # likewise channel gates
         self._mask_pairs = None
 
     @classmethod

@@ -55,7 +55,11 @@ def _slice_param(p: nn.Parameter, dim: int, idx: Tensor, optimizers: Sequence[to
 
 
 def _resize(module: nn.Module, dim: int, size: int) -> None:
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        if module.groups != module.in_channels or dim != 0:
+            raise TypeError(f"cannot slice a grouped conv that is not depthwise along dim {dim}")
+        module.in_channels = module.out_channels = module.groups = size  # one filter per channel
+    elif isinstance(module, nn.Conv2d):
         if dim == 0:
             module.out_channels = size
         else:

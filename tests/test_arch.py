@@ -30,7 +30,11 @@ def test_round_trip(tmp_path, suffix):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(kind="vgg"), "unknown network kind 'vgg'; valid choices: ['resnet_sdn', 'wide_resnet']"),
+        (
+            dict(kind="vgg"),
+            "unknown network kind 'vgg'; valid choices: ['mnasnet', 'mobilenet_v1', 'mobilenet_v2', "
+            "'resnet_sdn', 'wide_resnet']",
+        ),
         (dict(block_cells=[3, 2, 2, 1]), "sum to 8 but there are 9 cells"),
         (dict(block_cells=[3, 0, 4, 2]), "every block needs at least one cell"),
         (dict(exits=[True, True, True]), "exits has 3 entries; expected one per block (4)"),

@@ -143,7 +143,11 @@ def cli_error(args, capsys) -> str:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.init_args.net.kind=vgg"], "kind 'vgg'; valid choices: ['resnet_sdn', 'wide_resnet']"),
+        (
+            ["--model.init_args.net.kind=vgg"],
+            "kind 'vgg'; valid choices: ['mnasnet', 'mobilenet_v1', 'mobilenet_v2', 'resnet_sdn', "
+            "'wide_resnet']",
+        ),
         (["--model.init_args.net.stage_widths=[16,32]"], "must have the same length"),
         (["--model.init_args.net.block_cells=[3,3,2,2]"], "sum to 10 but there are 9 cells"),
         (

@@ -108,6 +108,26 @@ def test_wide_resnet_with_squeeze_excitation_matches_pytorch(tmp_path):
 
 @needs_tf
 @needs_tflite
+@pytest.mark.parametrize(
+    ("kind", "shape"),
+    [
+        ("mobilenet_v1", DataShape(1, 28, 10)),  # no shortcuts; Fashion-MNIST's shape
+        ("mobilenet_v2", DataShape(3, 32, 10)),  # CIFAR-10's shape
+        ("mnasnet", DataShape(3, 30, 10)),  # 5x5 depthwise kernels at stride 2 on an even map
+    ],
+)
+def test_mobile_families_with_exits_se_and_dropout_match_pytorch(kind, shape, tmp_path):
+    spec = NetConfig(kind=kind, blocks=6, width=8, se_reduction=2, dropout=0.2).build_spec(shape)
+    net = randomize(build_net(spec))
+    result, outs, ref = check_parity(net, tmp_path, shape, precisions=("fp32", "int8"))
+    assert {m.name for m in result.models} >= {"exit0_int8", "full_fp32", "full_int8"}
+    for name in ref:  # int8 is close to float on these random weights, not equal
+        agree = (outs[f"{name}_int8"][name].argmax(1) == ref[name].argmax(1)).mean()
+        assert agree >= 0.5, name
+
+
+@needs_tf
+@needs_tflite
 def test_grown_pruned_collected_dense_net_matches_pytorch(tmp_path):
     shape = DataShape(3, 16, 10)
     spec = NetConfig(**TINY, dense=True).build_spec(shape).with_active_blocks(3)  # grown to 3 of 4 blocks

@@ -1,4 +1,4 @@
-"""Channel gates: a gated-off channel is removable exactly, gates fold into BatchNorm, gates persist."""
+"""Channel gates: a gated-off channel is removable exactly, gates fold into BatchNorm, persist as data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import GarbageCollection
-from lit_nas import DataShape, MultiExitModule, NetConfig
-from lit_nas.gates import attach_gates, ensure_gates, fold_gates, gated_groups
+from lit_nas import ArchSpec, DataShape, MultiExitModule, NetConfig, build_net
+from lit_nas.gates import attach_gates, fold_gates, gated_groups
 from lit_nas.surgery import remove_channels
 from tests.conftest import TINY, tiny_data, tiny_trainer
 from tests.test_surgery import group_names, make
@@ -49,22 +49,26 @@ def test_fold_gates_keeps_outputs_and_removes_every_gate(dense):
         ref = copy.deepcopy(net)
         before = ref(x).logits
         fold_gates(ref)
-        assert gated_groups(ref) == {} and not hasattr(ref, "gates")
-        assert all(not m._forward_hooks for m in ref.modules())
+        assert gated_groups(ref) == {} and len(ref.gates) == 0 and ref.spec.gated == {}
+        assert all(not m._forward_hooks and "gate" not in m.__dict__ for m in ref.modules())
         for a, b in zip(before, ref(x).logits):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_gates_live_in_checkpoints_and_copies_are_independent():
+def test_gates_are_data_in_the_spec_live_in_checkpoints_and_copies_are_independent():
     net = make(False).eval()
     gates = attach_gates(net, ["cell0.mid", "stream0"])
+    attach_gates(net, ["cell1.mid"], trainable=True)
     with torch.no_grad():
         gates["stream0"][1] = 0
     assert not gates["stream0"].requires_grad and gates["stream0"].no_weight_decay
+    assert net.spec.gated == {"cell0.mid": "mask", "stream0": "mask", "cell1.mid": "switch"}
+    assert all(not m._forward_hooks for m in net.modules())  # the gated norms apply them, no hooks
     state = net.state_dict()
-    assert {"gates.cell0__mid", "gates.stream0"} <= set(state)
-    fresh = make(False).eval()
-    ensure_gates(fresh, state)
+    assert {"gates.cell0__mid", "gates.stream0", "gates.cell1__mid"} <= set(state)
+    # the spec alone rebuilds the gates (their kind too), so the state dict loads into them
+    fresh = build_net(ArchSpec.from_dict(net.spec.to_dict())).eval()
+    assert fresh.gates["cell1__mid"].requires_grad and not fresh.gates["stream0"].requires_grad
     fresh.load_state_dict(state)
     x = torch.randn(2, 3, 16, 16)
     for a, b in zip(net(x).logits, fresh(x).logits):
@@ -95,6 +99,7 @@ def test_trainable_gate_and_its_optimizer_state_are_sliced_and_the_module_reload
     fresh.on_load_checkpoint(ckpt)
     fresh.load_state_dict(ckpt["state_dict"])
     assert torch.equal(fresh.net.gates["cell1__mid"], gate.detach())
+    assert fresh.net.gates["cell1__mid"].requires_grad  # a switch is rebuilt trainable, from the spec
 
 
 # -- GarbageCollection on a training run -------------------------------------------------------------------

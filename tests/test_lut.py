@@ -159,12 +159,33 @@ def test_pearson_and_mape():
     assert mape == pytest.approx(100 * (0.3 / 3.3) / 3)
 
 
+def test_spec_layers_of_the_mobile_cells_are_depthwise_and_pointwise():
+    v1 = NetConfig(kind="mobilenet_v1", **TINY).build_spec(SHAPE)
+    layers = spec_layers(v1)
+    cells = [x for x in layers if not x.key.startswith(("head", "conv3"))]
+    assert len(cells) == 2 * v1.num_cells  # depthwise + pointwise, no shortcut
+    assert [x.key.split("_")[0] for x in cells[:2]] == ["dw3", "conv1"] and cells[0].cout == 0
+    assert all(x.key.endswith("_relu6") for x in cells)
+    mnas = NetConfig(kind="mnasnet", **TINY).build_spec(SHAPE)
+    keys = [x.key for x in spec_layers(mnas)]
+    assert any(k.startswith("dw5_") for k in keys) and any(k.startswith("dw3_") for k in keys)
+    assert sum(k.startswith("addlin_") for k in keys) == sum(c.residual for c in mnas.cells)
+    # expand (ReLU6) and project (linear) per cell
+    assert sum(k.startswith("conv1_") for k in keys) == 2 * mnas.num_cells
+
+
+MEASURED = {
+    "resnet_sdn": NetConfig(stage_widths=[4, 8], cells_per_stage=[1, 1], exit_depths=[1.0]),
+    # depthwise 5x5 and 3x3 (stride 1 and 2), pointwise with and without ReLU6, the linear addition
+    "mnasnet": NetConfig(kind="mnasnet", stage_widths=[4, 8], cells_per_stage=[2, 2], exit_depths=[1.0]),
+}
+
+
 @pytest.mark.skipif(find_export_python() is None, reason="no TensorFlow environment (make export-env)")
-def test_measured_tables_through_the_local_runner(tmp_path):
+@pytest.mark.parametrize("kind", list(MEASURED))
+def test_measured_tables_through_the_local_runner(kind, tmp_path):
     """The whole path on a small grid: one-layer models, timing, tables, prediction, validation."""
-    spec = NetConfig(stage_widths=[4, 8], cells_per_stage=[1, 1], exit_depths=[1.0]).build_spec(
-        DataShape(1, 8, 10)
-    )
+    spec = MEASURED[kind].build_spec(DataShape(1, 8, 10))
     settings = BenchSettings(runs=5, passes=1, warmup_s=0.0)
     lut = measure_lut(
         [spec], tmp_path / "lut", LocalRunner(), settings, channels=(2, 4), sigma=1.0, calibration=2

@@ -1,4 +1,4 @@
-"""One conformance test over every network in the registry (plain and dense variants)."""
+"""One conformance test over every network in the registry (plain, dense where the family allows it)."""
 
 import itertools
 
@@ -13,11 +13,18 @@ from lit_nas.nets import NETWORKS
 from lit_nas.nets.base import MultiExitNet
 from tests.conftest import TINY
 
-VARIANTS = [(kind, dense) for kind in NETWORKS for dense in (False, True)]
-
-
 #: a 4-block recipe of each registered network (WRN-16-1 with Squeeze-and-Excitation: every layer kind)
-RECIPES = {"resnet_sdn": TINY, "wide_resnet": dict(depth=16, widen_factor=1, se_reduction=4)}
+RECIPES = {
+    "resnet_sdn": TINY,
+    "wide_resnet": dict(depth=16, widen_factor=1, se_reduction=4),
+    # the mobile families: every cell kind, with and without shortcut, SE, dropout and 5x5 kernels
+    "mobilenet_v1": dict(TINY, se_reduction=2, dropout=0.2),
+    "mobilenet_v2": dict(TINY, expansion=3, se_reduction=2, dropout=0.2),
+    "mnasnet": dict(TINY, expansion=4, dropout=0.2),
+}
+#: dense connections are defined between basic residual cells only
+DENSE_KINDS = ("resnet_sdn", "wide_resnet")
+VARIANTS = [(kind, dense) for kind in NETWORKS for dense in (False, True) if kind in DENSE_KINDS or not dense]
 
 
 def make(kind, dense, **kw):
@@ -89,6 +96,10 @@ def test_channel_groups_match_layer_shapes_and_cover_every_channel(net):
             covered_in.setdefault(s.module, []).append((s.start, s.start + g.size * s.per_channel))
     layers = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
     for name in layers:
+        if getattr(modules[name], "groups", 1) > 1:  # depthwise: one filter per channel of its group
+            assert modules[name].groups == modules[name].in_channels == modules[name].out_channels
+            assert covered_out.get(name) == 1 and name not in covered_in, name
+            continue
         m = modules[name]
         # an SE's hidden width is fixed: fc1's outputs and fc2's inputs belong to no group
         assert covered_out.get(name) == 1 or isinstance(m, nn.Linear) or name.endswith("se.fc1"), (
@@ -116,17 +127,25 @@ def test_channel_group_zeroing_silences_the_channels(net):
                 modules[s.module].weight[0] = 0
                 modules[s.module].bias[0] = 0
     feats = net.run_block(0, [], torch.randn(2, 3, 16, 16))
-    for f in feats:  # stem and every cell of stream 0 (identity shortcuts carry the zero along)
-        assert torch.all(f[:, 0] == 0)
+    streams = net._streams()
+    for j, f in enumerate(feats):  # stem and every cell of stream 0 (identity shortcuts carry the zero along)
+        if streams[j] == 0:
+            assert torch.all(f[:, 0] == 0)
+    # a depthwise-separable cell reading stream 0 carries the zero through its depthwise conv too
+    for name, m in net.named_modules():
+        if name.startswith("blocks.0.cells.0.dw") and net.spec.cells[0].op == "dwsep":
+            dw_out: dict[str, torch.Tensor] = {}
+            m.register_forward_hook(lambda mod, i, o, seen=dw_out: seen.update(x=o))
+            bn1 = dict(net.named_modules())["blocks.0.cells.0.bn1"]
+            net.run_block(0, [], torch.randn(2, 3, 16, 16))
+            assert torch.all(bn1(dw_out["x"])[:, 0] == 0)
 
 
 def test_dense_sources_partition_the_first_conv_input(net):
     for i in range(net.spec.num_cells):
         srcs = net.dense_sources(i)
-        cell = net.blocks[net.spec.block_of_cell(i)].cells[
-            i - net.spec.cells_of_block(net.spec.block_of_cell(i)).start
-        ]
-        assert srcs[0].start == 0 and srcs[-1].stop == cell.conv1.in_channels
+        first = dict(net.named_modules())[net.cell_input_layer(i)]
+        assert srcs[0].start == 0 and srcs[-1].stop == first.in_channels
         assert all(a.stop == b.start for a, b in itertools.pairwise(srcs))
         if net.spec.dense:
             assert [s.source for s in srcs] == ["stem"] + [f"cell{j}" for j in range(i)]
@@ -189,15 +208,25 @@ def test_residual_scales_close_every_residual_branch(net):
     net.train()
     for b in range(net.spec.num_blocks):
         scales = net.residual_scales(b)
-        assert len(scales) == len(net.spec.cells_of_block(b))
+        # a cell without a shortcut has no identity to start from
+        assert len(scales) == sum(net.spec.cells[i].residual for i in net.spec.cells_of_block(b))
         assert all(isinstance(s, nn.Parameter) and s.ndim == 1 for s in scales)
+    block = max(range(net.spec.num_blocks), key=lambda b: len(net.residual_scales(b)))
     feats = net.run_block(0, [], x)
+    for b in range(1, block):
+        feats = net.run_block(b, feats)
+    if block == 0:
+        feats = []
     with torch.no_grad():
-        for s in net.residual_scales(1):
+        for s in net.residual_scales(block):
             s.zero_()
-    out = net.run_block(1, feats)
-    for cell, i in zip(net.blocks[1].cells, net.spec.cells_of_block(1)):
-        torch.testing.assert_close(out[i + 1], torch.relu(cell.shortcut(out[i])))
+    out = net.run_block(block, feats, x)
+    for cell, i in zip(net.blocks[block].cells, net.spec.cells_of_block(block)):
+        c = net.spec.cells[i]
+        if c.op == "basic":
+            torch.testing.assert_close(out[i + 1], torch.relu(cell.shortcut(out[i])))
+        elif c.residual:  # an inverted residual adds no activation: exactly its input
+            torch.testing.assert_close(out[i + 1], out[i])
 
 
 def test_active_costs_sum_the_active_blocks_and_their_exits(net):
@@ -241,3 +270,59 @@ def test_exit_logits_iterate_over_their_logits():
     out = ExitLogits(exits=(1, 3), logits=(a, b))
     assert [t.sum().item() for t in out] == [0.0, 6.0]  # list(out) used to raise ValueError
     assert out[3] is b and dict(out.items()) == {1: a, 3: b}
+
+
+class _Logits(nn.Module):
+    """The network with its outputs as a tuple of logits (what external tools trace)."""
+
+    def __init__(self, net: MultiExitNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return tuple(self.net(x).logits)
+
+
+def test_channel_groups_agree_with_torch_pruning_dependency_graph(net):
+    """An independent dependency analysis (Torch-Pruning's graph, traced from the forward) finds the same
+    layers, and the same dimensions, for every channel group."""
+    import warnings
+
+    import torch_pruning as tp
+
+    wrapped = _Logits(net).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exits' scalar mix parameters are not channel-wise
+        graph = tp.DependencyGraph().build_dependency(wrapped, example_inputs=torch.randn(1, 3, 16, 16))
+    names = {m: n.removeprefix("net.") for n, m in wrapped.named_modules()}
+    modules = dict(net.named_modules())
+    for g in net.channel_groups():
+        first = modules[g.producers[0].module]
+        if isinstance(first, nn.Conv2d):
+            fn = tp.prune_depthwise_conv_out_channels if first.groups > 1 else tp.prune_conv_out_channels
+        else:
+            fn = tp.prune_batchnorm_out_channels
+        found = set()
+        for dep, _ in graph.get_pruning_group(first, fn, idxs=[0]):
+            m = dep.target.module
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                found.add((names[m], 1 if "in_channels" in dep.handler.__name__ else 0))
+        assert {(s.module, s.dim) for s in (*g.producers, *g.consumers)} == found, g.name
+
+
+def test_layer_flops_agree_with_thop(net):
+    """An external counter (thop, forward hooks) gives the conv and linear layers the same multiply-adds."""
+    import thop
+    from thop.vision.basic_hooks import zero_ops
+
+    net.eval()
+    counted = count_costs(net)
+    # BatchNorm is not a multiply-add of ours (count_costs counts convs and matrix products only);
+    # pooling, activations and the SE's sigmoid are functional calls thop does not see
+    macs, _ = thop.profile(
+        _Logits(net),
+        inputs=(torch.zeros(1, 3, 16, 16),),
+        custom_ops={nn.BatchNorm2d: zero_ops},
+        verbose=False,
+    )
+    assert 2 * macs == sum(counted.block_flops) + sum(counted.exit_flops.values())

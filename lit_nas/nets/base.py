@@ -91,6 +91,26 @@ class DenseSource:
     stop: int
 
 
+GATE_KINDS = ("mask", "switch")
+
+
+class GatedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm whose output is multiplied by a channel gate when one is set (:mod:`lit_nas.gates`).
+
+    Every producing normalisation of a network is one, so gating a channel group needs no hook: the gate,
+    registered once in ``MultiExitNet.gates`` and shared by every norm producing the group, is referenced
+    (not registered) here. Without a gate it is a plain BatchNorm (same state dict, same export).
+    """
+
+    gate: Tensor | None = None  # set with object.__setattr__ (a reference, not a second registration)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``BN(x) * gate`` per channel (just ``BN(x)`` without a gate)."""
+        out = super().forward(x)
+        gate = self.__dict__.get("gate")
+        return out if gate is None else out * gate.view(1, -1, 1, 1)
+
+
 class ExitHead(nn.Module):
     """SDN internal classifier: learned mix of max and average pooling, then a linear layer.
 
@@ -98,15 +118,19 @@ class ExitHead(nn.Module):
     kernel is ``size // pool_to`` (at least 1), as in the SDN code. SDN leaves ``a`` unconstrained; a single
     scalar that scales every pooled feature gets a large gradient and made the first exit diverge at lr 0.1
     here, so the mix is kept in [0, 1] (starting at 0.5). With ``mixed=False`` only average pooling is used
-    (the final exit: global average pooling, a plain ResNet head).
+    (the final exit: global average pooling, a plain ResNet head). ``dropout`` drops pooled features before
+    the linear layer while training (the mobile networks' final classifier).
     """
 
-    def __init__(self, channels: int, in_size: int, num_classes: int, pool_to: int, mixed: bool) -> None:
+    def __init__(
+        self, channels: int, in_size: int, num_classes: int, pool_to: int, mixed: bool, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.kernel = max(1, in_size // pool_to)
         self.out_size = in_size // self.kernel
         self.mixed = mixed
         self.mix = nn.Parameter(torch.zeros(())) if mixed else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.linear = nn.Linear(channels * self.out_size**2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -116,7 +140,8 @@ class ExitHead(nn.Module):
             mx = nn.functional.max_pool2d(x, self.kernel) if self.kernel > 1 else x
             a = torch.sigmoid(self.mix)
             avg = a * mx + (1 - a) * avg
-        return self.linear(avg.flatten(1))
+        flat = avg.flatten(1)
+        return self.linear(self.dropout(flat) if self.dropout is not None else flat)
 
 
 class MultiExitNet(nn.Module):
@@ -133,6 +158,56 @@ class MultiExitNet(nn.Module):
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
         self.spec = spec
+        #: channel gates by group name (``.`` written ``__``: ParameterDict keys cannot hold dots); the
+        #: groups and kinds are recorded in ``spec.gated``, so :func:`build_net` rebuilds them from data
+        self.gates = nn.ParameterDict()
+
+    # -- channel gates (the mechanism of lit_nas.gates) ----------------------------------------------------
+    def add_gates(self, groups: dict[str, str], init: float = 1.0) -> dict[str, nn.Parameter]:
+        """Gate the channel groups ``{name: kind}`` not gated yet (``mask``: frozen, ``switch``: trained).
+
+        Each gate is one parameter per channel, multiplied into every :class:`GatedBatchNorm2d` producing
+        the group; the group and its kind are recorded in ``spec.gated``. Returns every requested gate.
+        """
+        sizes = {g.name: g.size for g in self.channel_groups()}
+        out = {}
+        for group, kind in groups.items():
+            if kind not in GATE_KINDS:
+                raise ValueError(f"gate kind {kind!r} of {group!r} is not one of {list(GATE_KINDS)}")
+            key = group.replace(".", "__")
+            if key not in self.gates:
+                norms = self.gated_norms(group)
+                ref = norms[0].weight
+                gate = nn.Parameter(
+                    torch.full((sizes[group],), float(init), device=ref.device, dtype=ref.dtype),
+                    requires_grad=kind == "switch",
+                )
+                gate.no_weight_decay = True  # an L1 penalty, not weight decay, shrinks switches
+                self.gates[key] = gate
+                for norm in norms:
+                    object.__setattr__(norm, "gate", gate)
+                self.spec.gated[group] = kind
+            out[group] = self.gates[key]
+        return out
+
+    def gated_norms(self, group: str) -> list[GatedBatchNorm2d]:
+        """The normalisations producing channel group ``group``: where its gate multiplies."""
+        groups = {g.name: g for g in self.channel_groups()}
+        if group not in groups:
+            raise ValueError(f"no channel group named {group!r}; valid choices: {sorted(groups)}")
+        modules = dict(self.named_modules())
+        norms = [modules[p.module] for p in groups[group].producers]
+        norms = [m for m in norms if isinstance(m, GatedBatchNorm2d)]
+        if not norms:
+            raise ValueError(f"channel group {group!r} has no gated normalisation layer")
+        return norms
+
+    def drop_gates(self) -> None:
+        """Remove every gate (after folding them, or to discard them)."""
+        for module in self.modules():
+            module.__dict__.pop("gate", None)
+        self.gates = nn.ParameterDict()
+        self.spec.gated = {}
 
     # -- computation ------------------------------------------------------------------------------------
     def run_block(self, block: int, feats: list[Tensor], x: Tensor | None = None) -> list[Tensor]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from lit_nas.arch import ArchSpec, CellSpec, DataShape
+from lit_nas.nets.mobilenet import MOBILE_KINDS, mobile_cells
 from lit_nas.nets.registry import NETWORKS
 from lit_nas.nets.resnet_sdn import wrn_stages
 
@@ -19,7 +20,8 @@ class NetConfig:
     """Short recipe of a network, as written in YAML; expanded by :meth:`build_spec`.
 
     Attributes:
-        kind: network family (``resnet_sdn`` or ``wide_resnet``).
+        kind: network family: ``resnet_sdn``, ``wide_resnet``, ``mobilenet_v1``, ``mobilenet_v2`` or
+            ``mnasnet`` (:mod:`lit_nas.nets.mobilenet`).
         stage_widths: channels of each resolution stage; stage ``k > 0`` halves the resolution.
         cells_per_stage: residual cells per stage.
         depth: WRN-d-k recipe (Zagoruyko and Komodakis): ``depth`` d with ``(d - 4) % 6 == 0`` sets three
@@ -37,6 +39,14 @@ class NetConfig:
         stem_width: stem channels; defaults to ``stage_widths[0]``.
         exit_pool: pooled map size of the internal classifiers.
         active_blocks: blocks active at start; defaults to all (growing sets 1).
+        blocks: the Liège thesis's WRN layout for the mobile families (table 3.3): ``blocks`` cells in three
+            subnetworks of widths ``width, 2 * width, 4 * width`` after a 16-channel stem, overriding
+            ``stage_widths``, ``cells_per_stage`` and ``stem_width``; ``blocks`` must be a multiple of 3.
+        width: the first subnetwork's width of that layout (with ``blocks``).
+        expansion: expansion ratio of the inverted residuals (``mobilenet_v2``, ``mnasnet``): a cell's inner
+            width is ``expansion`` times its input width.
+        dropout: drop rate before the final classifier (0: none).
+        activation: ``relu`` or ``relu6``; defaults to ``relu6`` for the mobile families, ``relu`` otherwise.
     """
 
     kind: str = "resnet_sdn"
@@ -52,8 +62,34 @@ class NetConfig:
     depth: int | None = None
     widen_factor: int | None = None
     se_reduction: int = 0
+    blocks: int | None = None
+    width: int | None = None
+    expansion: float = 4.0
+    dropout: float = 0.0
+    activation: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.blocks is None) != (self.width is None):
+            raise ValueError(
+                f"blocks and width come together (the WRN layout of the mobile families); got "
+                f"blocks={self.blocks}, width={self.width}"
+            )
+        if self.blocks is not None:
+            if self.depth is not None:
+                raise ValueError("give either blocks/width or depth/widen_factor, not both")
+            if self.blocks < 3 or self.blocks % 3 or self.width < 1:
+                raise ValueError(
+                    f"blocks must be a positive multiple of 3 (three subnetworks) and width >= 1; got "
+                    f"blocks={self.blocks}, width={self.width}"
+                )
+            w, n = self.width, self.blocks // 3
+            self.stage_widths, self.cells_per_stage, self.stem_width = [w, 2 * w, 4 * w], [n, n, n], 16
+        if self.expansion <= 0:
+            raise ValueError(f"expansion must be > 0; got {self.expansion}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.activation is not None and self.activation not in ("relu", "relu6"):
+            raise ValueError(f"activation {self.activation!r} is not one of ['relu', 'relu6']")
         if (self.depth is None) != (self.widen_factor is None):
             raise ValueError(
                 f"depth and widen_factor come together (WRN-d-k); got depth={self.depth}, "
@@ -89,18 +125,14 @@ class NetConfig:
 
     def build_spec(self, shape: DataShape) -> ArchSpec:
         """Expand into a full :class:`ArchSpec` for data of the given shape."""
-        cells: list[CellSpec] = []
-        prev = self.stem_width or self.stage_widths[0]
-        for stage, (width, n) in enumerate(zip(self.stage_widths, self.cells_per_stage)):
-            for i in range(n):
-                stride = 2 if stage > 0 and i == 0 else 1
-                se = max(1, width // self.se_reduction) if self.se_reduction else 0
-                cells.append(
-                    CellSpec(
-                        mid=width, out=width, stride=stride, projection=stride != 1 or prev != width, se=se
-                    )
-                )
-                prev = width
+        mobile = self.kind in MOBILE_KINDS
+        stem = self.stem_width or self.stage_widths[0]
+        if mobile:
+            cells = mobile_cells(
+                self.kind, self.stage_widths, self.cells_per_stage, stem, self.expansion, self.se_reduction
+            )
+        else:
+            cells = self._basic_cells(stem)
         n_cells = len(cells)
         if self.block_cells is not None:
             block_cells = list(self.block_cells)
@@ -122,11 +154,28 @@ class NetConfig:
             in_channels=shape.in_channels,
             input_size=shape.input_size,
             num_classes=shape.num_classes,
-            stem_width=self.stem_width or self.stage_widths[0],
+            stem_width=stem,
             cells=cells,
             block_cells=block_cells,
             exits=exits,
             active_blocks=self.active_blocks or n_blocks,
             dense=self.dense,
             exit_pool=self.exit_pool,
+            activation=self.activation or ("relu6" if mobile else "relu"),
+            dropout=self.dropout,
         )
+
+    def _basic_cells(self, stem: int) -> list[CellSpec]:
+        cells: list[CellSpec] = []
+        prev = stem
+        for stage, (width, n) in enumerate(zip(self.stage_widths, self.cells_per_stage)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                se = max(1, width // self.se_reduction) if self.se_reduction else 0
+                cells.append(
+                    CellSpec(
+                        mid=width, out=width, stride=stride, projection=stride != 1 or prev != width, se=se
+                    )
+                )
+                prev = width
+        return cells

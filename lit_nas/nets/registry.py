@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lit_nas.nets.base import MultiExitNet
+from lit_nas.nets.mobilenet import MnasNetSDN, MobileNetV1SDN, MobileNetV2SDN
 from lit_nas.nets.resnet_sdn import ResNetSDN, WideResNetSDN
 
 NETWORKS: dict[str, Callable[..., MultiExitNet]] = {
     "resnet_sdn": ResNetSDN,
     "wide_resnet": WideResNetSDN,
+    "mobilenet_v1": MobileNetV1SDN,
+    "mobilenet_v2": MobileNetV2SDN,
+    "mnasnet": MnasNetSDN,
 }
 
 
@@ -17,7 +21,11 @@ def build_net(spec) -> MultiExitNet:
     """Build the network described by ``spec`` (an :class:`~lit_nas.arch.ArchSpec`)."""
     if spec.kind not in NETWORKS:
         raise ValueError(f"unknown network kind {spec.kind!r}; valid choices: {sorted(NETWORKS)}")
-    return NETWORKS[spec.kind](spec)
+    gated = dict(spec.gated)
+    spec.gated = {}  # the network records each gate again as it creates it
+    net = NETWORKS[spec.kind](spec)
+    net.add_gates(gated)  # the channel gates the spec names, so a checkpoint's gates load into them
+    return net
 
 
 def check_runs(spec) -> None:

@@ -6,6 +6,10 @@ cell reads the concatenation of the stem output and *all* earlier cell outputs, 
 the cell's input resolution. The residual shortcut still comes from the previous cell only, so the plain
 ResNet is the sub-network in which every extra (dense) input slice is pruned away; pruning those slices is
 the architecture search.
+
+The cells need not be basic residual ones: ``CellSpec.op`` also builds MobileNetV1's depthwise-separable
+and MobileNetV2's inverted-residual cells (:mod:`lit_nas.nets.mobilenet`), so the mobile families share the
+stem, blocks, exits and channel groups defined here.
 """
 
 from __future__ import annotations
@@ -14,20 +18,29 @@ import torch
 from torch import Tensor, nn
 
 from lit_nas.arch import ArchSpec, CellSpec
-from lit_nas.nets.base import ChannelGroup, ChannelSlice, DenseSource, ExitHead, MultiExitNet
+from lit_nas.nets.base import (
+    ChannelGroup,
+    ChannelSlice,
+    DenseSource,
+    ExitHead,
+    GatedBatchNorm2d,
+    MultiExitNet,
+)
+from lit_nas.nets.cells import ACT, DepthwiseSeparableCell, InvertedResidualCell
 
 
 class Stem(nn.Module):
-    """3x3 conv -> BN -> ReLU."""
+    """3x3 conv -> BN -> ReLU (ReLU6 in the mobile families)."""
 
-    def __init__(self, in_channels: int, width: int) -> None:
+    def __init__(self, in_channels: int, width: int, act: str = "relu") -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
+        self.bn = GatedBatchNorm2d(width)
+        self.act = ACT[act]
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C_in, H, W) -> (B, width, H, W)``."""
-        return torch.relu(self.bn(self.conv(x)))
+        return self.act(self.bn(self.conv(x)))
 
 
 class SqueezeExcite(nn.Module):
@@ -53,15 +66,15 @@ class BasicCell(nn.Module):
     def __init__(self, in_channels: int, residual_channels: int, spec: CellSpec) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, spec.mid, 3, stride=spec.stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(spec.mid)
+        self.bn1 = GatedBatchNorm2d(spec.mid)
         self.conv2 = nn.Conv2d(spec.mid, spec.out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(spec.out)
+        self.bn2 = GatedBatchNorm2d(spec.out)
         self.se = SqueezeExcite(spec.out, spec.se) if spec.se else None
         self.shortcut: nn.Module = nn.Identity()
         if spec.projection:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(residual_channels, spec.out, 1, stride=spec.stride, bias=False),
-                nn.BatchNorm2d(spec.out),
+                GatedBatchNorm2d(spec.out),
             )
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
@@ -73,10 +86,29 @@ class BasicCell(nn.Module):
         return torch.relu(out + self.shortcut(residual))
 
 
+def make_cell(in_channels: int, residual_channels: int, spec: CellSpec, act: str) -> nn.Module:
+    """The cell ``spec.op`` names (first conv reading ``in_channels``, shortcut ``residual_channels``)."""
+    se = SqueezeExcite(spec.out, spec.se) if spec.se else None
+    if spec.op == "dwsep":
+        return DepthwiseSeparableCell(in_channels, spec, act, se)
+    if spec.op == "inverted":
+        return InvertedResidualCell(in_channels, spec, act, se)
+    return BasicCell(in_channels, residual_channels, spec)
+
+
+#: per cell kind: (layers producing its inner width, layers reading it) and the layer reading its input
+_MID = {
+    "basic": (("conv1", "bn1"), ("conv2",)),
+    "inverted": (("expand", "bn1", "dw", "bn2"), ("project",)),
+}
+_OUT = {"basic": ("conv2", "bn2"), "dwsep": ("pw", "bn2"), "inverted": ("project", "bn3")}
+_INPUT = {"basic": "conv1", "dwsep": "dw", "inverted": "expand"}
+
+
 class Block(nn.Module):
     """Consecutive cells (block 0 also owns the stem)."""
 
-    def __init__(self, cells: list[BasicCell], stem: Stem | None = None) -> None:
+    def __init__(self, cells: list[nn.Module], stem: Stem | None = None) -> None:
         super().__init__()
         self.stem = stem
         self.cells = nn.ModuleList(cells)
@@ -92,8 +124,9 @@ class ResNetSDN(MultiExitNet):
         sizes = spec.feature_sizes()
         blocks = []
         for b in range(spec.num_blocks):
-            cells = [BasicCell(in_widths[i], widths[i], spec.cells[i]) for i in spec.cells_of_block(b)]
-            blocks.append(Block(cells, Stem(spec.in_channels, spec.stem_width) if b == 0 else None))
+            act = spec.activation
+            cells = [make_cell(in_widths[i], widths[i], spec.cells[i], act) for i in spec.cells_of_block(b)]
+            blocks.append(Block(cells, Stem(spec.in_channels, spec.stem_width, act) if b == 0 else None))
         self.blocks = nn.ModuleList(blocks)
         self.exits = nn.ModuleDict()
         for b in range(spec.num_blocks):
@@ -106,6 +139,7 @@ class ResNetSDN(MultiExitNet):
                     spec.num_classes,
                     pool_to=1 if final else spec.exit_pool,
                     mixed=not final,
+                    dropout=spec.dropout if final else 0.0,
                 )
 
     def run_block(self, block: int, feats: list[Tensor], x: Tensor | None = None) -> list[Tensor]:
@@ -143,8 +177,8 @@ class ResNetSDN(MultiExitNet):
         return out
 
     def cell_input_layer(self, cell: int) -> str:
-        """``blocks.<b>.cells.<k>.conv1``: the conv that reads the (dense) input of ``cell``."""
-        return f"{self._cell_name(cell)}.conv1"
+        """The conv that reads the (dense) input of ``cell``: ``conv1``, ``dw`` (dwsep) or ``expand``."""
+        return f"{self._cell_name(cell)}.{_INPUT[self.spec.cells[cell].op]}"
 
     def resized_spec(self, group: str, size: int) -> ArchSpec:
         """``cell{i}.mid`` sets that cell's inner width; ``stream{s}`` sets every feature of the stream."""
@@ -152,7 +186,10 @@ class ResNetSDN(MultiExitNet):
         if size < 1:
             raise ValueError(f"channel group {group!r} cannot shrink to {size} channels (at least 1)")
         if group.startswith("cell") and group.endswith(".mid"):
-            spec.cells[int(group[4:-4])].mid = size
+            cell = int(group[4:-4])
+            if not 0 <= cell < spec.num_cells or spec.cells[cell].op not in _MID:
+                raise ValueError(f"no channel group named {group!r}")
+            spec.cells[cell].mid = size
         elif group.startswith("stream"):
             features = [j for j, s in enumerate(self._streams()) if s == int(group[6:])]
             if not features:
@@ -168,28 +205,42 @@ class ResNetSDN(MultiExitNet):
         return spec
 
     def _streams(self) -> list[int]:
-        """Residual stream of every feature: identity shortcuts keep the stream, projections start one."""
+        """Residual stream of every feature.
+
+        Identity shortcuts keep the stream; projections, and cells without a shortcut, start one.
+        """
         stream_of = [0]
         for c in self.spec.cells:
-            stream_of.append(stream_of[-1] if not c.projection else stream_of[-1] + 1)
+            same = c.residual and not c.projection
+            stream_of.append(stream_of[-1] if same else stream_of[-1] + 1)
         return stream_of
 
     def residual_scales(self, block: int) -> list[nn.Parameter]:
-        """``bn2.weight`` of every cell of ``block`` (the BN closing the residual branch)."""
-        return [cell.bn2.weight for cell in self.blocks[block].cells]
+        """The BN closing the branch of every cell of ``block`` that has a shortcut (``bn2``, ``bn3``).
+
+        A cell without a shortcut (MobileNetV1's, a strided MobileNetV2 one) has no identity to start
+        from, so it is left as initialised.
+        """
+        cells = zip(self.spec.cells_of_block(block), self.blocks[block].cells)
+        return [
+            getattr(m, _OUT[self.spec.cells[i].op][1]).weight for i, m in cells if self.spec.cells[i].residual
+        ]
 
     def channel_groups(self) -> list[ChannelGroup]:
         """Per-cell inner widths, then residual streams (features tied by identity shortcuts)."""
         spec = self.spec
         groups = []
         for i, c in enumerate(spec.cells):
+            if c.op not in _MID:
+                continue  # a dwsep cell's depthwise conv belongs to its input's group
             name = self._cell_name(i)
+            prod, cons = _MID[c.op]
             groups.append(
                 ChannelGroup(
                     name=f"cell{i}.mid",
                     size=c.mid,
-                    producers=(ChannelSlice(f"{name}.conv1", 0), ChannelSlice(f"{name}.bn1", 0)),
-                    consumers=(ChannelSlice(f"{name}.conv2", 1),),
+                    producers=tuple(ChannelSlice(f"{name}.{m}", 0) for m in prod),
+                    consumers=tuple(ChannelSlice(f"{name}.{m}", 1) for m in cons),
                 )
             )
         stream_of = self._streams()  # features tied by identity shortcuts
@@ -201,17 +252,21 @@ class ResNetSDN(MultiExitNet):
                 prod += [ChannelSlice("blocks.0.stem.conv", 0), ChannelSlice("blocks.0.stem.bn", 0)]
             else:
                 name = self._cell_name(j - 1)
-                prod += [ChannelSlice(f"{name}.conv2", 0), ChannelSlice(f"{name}.bn2", 0)]
+                prod += [ChannelSlice(f"{name}.{m}", 0) for m in _OUT[spec.cells[j - 1].op]]
                 if spec.cells[j - 1].se:
                     prod.append(ChannelSlice(f"{name}.se.fc2", 0))
                 if spec.cells[j - 1].projection:
                     prod += [ChannelSlice(f"{name}.shortcut.0", 0), ChannelSlice(f"{name}.shortcut.1", 0)]
         for i in range(spec.num_cells):
             name = self._cell_name(i)
-            for src in self.dense_sources(i):
-                consumers.setdefault(stream_of[src.feature], []).append(
-                    ChannelSlice(f"{name}.conv1", 1, start=src.start)
-                )
+            if spec.cells[i].op == "dwsep":  # the depthwise conv and its BN carry the input's channels on
+                producers[stream_of[i]] += [ChannelSlice(f"{name}.dw", 0), ChannelSlice(f"{name}.bn1", 0)]
+                consumers.setdefault(stream_of[i], []).append(ChannelSlice(f"{name}.pw", 1))
+            else:
+                for src in self.dense_sources(i):
+                    consumers.setdefault(stream_of[src.feature], []).append(
+                        ChannelSlice(f"{name}.{_INPUT[spec.cells[i].op]}", 1, start=src.start)
+                    )
             if spec.cells[i].projection:
                 consumers.setdefault(stream_of[i], []).append(ChannelSlice(f"{name}.shortcut.0", 1))
             if spec.cells[i].se:

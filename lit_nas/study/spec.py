@@ -15,6 +15,8 @@ Example::
         iterative: {snip.steps: 3}
         one_shot: {snip.steps: null}
     series: snip.mode                        # grid key drawn as separate lines (optional)
+    # a grid key named config trains each of its configs in place of the base one (compare families):
+    #   grid: {config: [quickstart.yaml, mobilenet_v2_fast.yaml]}
     seeds: [0, 1, 2]
     search_cost: {seeds: [0]}                # plain training of each found network, for the search cost
     baselines:
@@ -61,6 +63,8 @@ _SPEC_KEYS = (
 _FAMILY_KEYS = ("without", "overrides", "grid", "width_multipliers")
 SEARCH = "search"
 FOUND = "found"
+#: the grid key that replaces the base config of a point
+CONFIG = "config"
 
 
 class StudySpecError(ValueError):
@@ -173,6 +177,8 @@ class StudySpec:
             raise StudySpecError(f"study spec {path}: 'config' (the base config) is required")
         config = resolve_config(str(data["config"]))
         grid, linked = _grid(data.get("grid"), "grid", path, required=True)
+        for name in grid.get(CONFIG, []):
+            resolve_config(str(name))  # fails now, naming the config, not when its trial starts
         seeds = data.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise StudySpecError(
@@ -220,16 +226,20 @@ class StudySpec:
         )
 
     # -- trials ----------------------------------------------------------------------------------------
-    def _base_args(self) -> list[str]:
-        return ["--config", str(self.config), *override_args(self.overrides)]
+    def _base_args(self, point: Mapping[str, Any] | None = None) -> list[str]:
+        config = resolve_config(str(point[CONFIG])) if point and CONFIG in point else self.config
+        return ["--config", str(config), *override_args(self.overrides)]
 
     def search_points(self) -> list[dict[str, Any]]:
         """The searched grid points, in grid order."""
         return _product(self.grid)
 
     def point_overrides(self, point: Mapping[str, Any]) -> dict[str, Any]:
-        """The overrides of a searched point: its values and the keys linked to them."""
-        out = dict(point)
+        """The overrides of a searched point: its values and the keys linked to them.
+
+        A ``config`` value is not an override: it replaces the base config.
+        """
+        out = {k: v for k, v in point.items() if k != CONFIG}
         for key, value in point.items():
             out.update(self.linked.get(key, {}).get(value, {}))
         return out
@@ -284,7 +294,8 @@ class StudySpec:
         return Trial(FOUND, searched.point, searched.seed, ())
 
     def _trial(self, family: str, point: dict[str, Any], seed: int, args: list[str]) -> Trial:
-        trial = Trial(family, point, seed, (*self._base_args(), *args, "--seed_everything", str(seed)))
+        base = self._base_args(point if family in (SEARCH, FOUND) else None)
+        trial = Trial(family, point, seed, (*base, *args, "--seed_everything", str(seed)))
         if self.wandb_logger():  # one W&B run per trial, named after it
             name = ["--trainer.logger.init_args.name", f"{self.name}/{trial.id}"]
             trial = Trial(family, point, seed, (*trial.args, *name))
@@ -326,7 +337,8 @@ def scaled_widths(net: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
     """The override (the whole ``model.init_args.net``) that scales every width of ``net`` by ``multiplier``.
 
     Every width, the stem's included, is rounded and at least 1. A WRN-d-k recipe is written out
-    (``resnet_sdn`` with the WRN's stages: the same network), since its widths come from ``widen_factor``.
+    (``resnet_sdn`` with the WRN's stages: the same network), since its widths come from ``widen_factor``;
+    so is a mobile family's ``blocks``/``width`` layout (the same kind, with its stages).
     """
     if multiplier <= 0:
         raise StudySpecError(f"width multipliers must be > 0; got {multiplier}")
@@ -336,6 +348,10 @@ def scaled_widths(net: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
     if net.get("depth") is not None:
         widths, cells, stem = wrn_stages(int(net["depth"]), net.get("widen_factor"))
         out.update(kind="resnet_sdn", depth=None, widen_factor=None, cells_per_stage=cells)
+    elif net.get("width") is not None:  # the mobile families' WRN layout (blocks, width), written out
+        w, n = int(net["width"]), int(net.get("blocks") or 3) // 3
+        widths, stem = [w, 2 * w, 4 * w], 16
+        out.update(blocks=None, width=None, cells_per_stage=[n, n, n])
     else:
         widths = list(net.get("stage_widths", [16, 32, 64]))
         stem = net.get("stem_width") or widths[0]
