@@ -28,7 +28,7 @@ from lit_nas.latency import LatencyLUT
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a run directory (lit_nas_config.yaml, checkpoints/last.ckpt)")
+    p.add_argument("--run", required=True, help="a run directory (its config, checkpoints/)")
     p.add_argument("--ckpt", help="the pruned checkpoint (default: RUN/checkpoints/last.ckpt)")
     p.add_argument("--lut", help="latency look-up tables to compare the predictions with")
     p.add_argument("--runs", type=int, default=50)

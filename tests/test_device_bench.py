@@ -117,11 +117,17 @@ def test_wide_resnet_with_squeeze_excitation_matches_pytorch(tmp_path):
     ],
 )
 def test_mobile_families_with_exits_se_and_dropout_match_pytorch(kind, shape, tmp_path):
-    spec = NetConfig(kind=kind, blocks=6, width=8, se_reduction=2, dropout=0.2).build_spec(shape)
+    spec = NetConfig(
+        kind=kind, blocks=6, width=8, se_reduction=2, dropout=0.2, exit_depths=[0.5, 1.0]
+    ).build_spec(shape)
     net = randomize(build_net(spec))
-    result, outs, ref = check_parity(net, tmp_path, shape, precisions=("fp32", "int8"))
-    assert {m.name for m in result.models} >= {"exit0_int8", "full_fp32", "full_int8"}
-    for name in ref:  # int8 is close to float on these random weights, not equal
+    # int8 for one family (the conversions are the slow part); fp32 parity per exit for all three
+    precisions = ("fp32", "int8") if kind == "mobilenet_v2" else ("fp32",)
+    result, outs, ref = check_parity(net, tmp_path, shape, precisions=precisions)
+    assert {m.name for m in result.models} == {
+        f"{n}_{p}" for n in ("exit0", "exit1", "full") for p in precisions
+    }
+    for name in ref if "int8" in precisions else ():  # int8 is close to float on random weights, not equal
         agree = (outs[f"{name}_int8"][name].argmax(1) == ref[name].argmax(1)).mean()
         assert agree >= 0.5, name
 
