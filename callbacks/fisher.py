@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 COSTS = ("none", "flops", "latency")
 TARGETS = ("channels", "params", "flops", "latency")
 SCOPES = ("all", "inner")
+_REPO = Path(__file__).resolve().parents[1]  # the checkout: where configs/luts/ lives
 _WHO = "FisherPruning"
 
 
@@ -102,9 +103,14 @@ class FisherPruning(Callback):
                     f"FisherPruning cost={cost!r}, stop_at={stop_at!r} need lut: the path of latency look-up "
                     "tables built for this network (python -m device_bench lut --config ... --out lut.json)"
                 )
-            if not Path(lut).is_file():
-                raise ValueError(f"FisherPruning lut {lut!r} does not exist")
-            self.lut = LatencyLUT.load(lut)
+            path = Path(lut)
+            if not path.is_file() and not path.is_absolute() and (_REPO / path).is_file():
+                path = _REPO / path  # a shipped table (configs/luts/...), from any working directory
+            if not path.is_file():
+                raise ValueError(
+                    f"FisherPruning lut {lut!r} does not exist (relative to {Path.cwd()} nor to {_REPO})"
+                )
+            self.lut = LatencyLUT.load(path)
         if (target_fraction is None) == (target_value is None):
             raise ValueError(
                 "FisherPruning needs exactly one of target_fraction and target_value; got "
