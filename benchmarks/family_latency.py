@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from device_bench.export import export_tflite
-from device_bench.runners import BenchSettings, LocalRunner
+from device_bench.pipeline import time_full_models
+from device_bench.runners import BenchSettings
 from lit_nas import DataShape, NetConfig, build_net
 from lit_nas.cost import count_costs
 from lit_nas.study.spec import resolve_config
@@ -34,18 +34,13 @@ def main() -> None:
     shape = DataShape(1, 28, 10)
     torch.manual_seed(0)
     calib = torch.randn(64, 1, 28, 28)
-    nets, paths = {}, {}
+    nets = {}
+    for name in args.configs:
+        cfg = yaml.safe_load(resolve_config(name).read_text())["model"]["init_args"]["net"]
+        nets[Path(name).stem] = build_net(NetConfig(**cfg).build_spec(shape)).eval()
     with tempfile.TemporaryDirectory(prefix="lit_nas_families_") as tmp:
-        for name in args.configs:
-            cfg = yaml.safe_load(resolve_config(name).read_text())["model"]["init_args"]["net"]
-            net = build_net(NetConfig(**cfg).build_spec(shape)).eval()
-            nets[name] = net
-            result = export_tflite(net, Path(tmp) / name, calib, per_exit=False).by_name()
-            for precision in ("fp32", "int8"):
-                target = Path(tmp) / f"{Path(name).stem}_{precision}.tflite"
-                Path(result[f"full_{precision}"].path).rename(target)
-                paths[(name, precision)] = target
-        report = LocalRunner().run(list(paths.values()), BenchSettings(runs=args.runs, passes=args.passes))
+        settings = BenchSettings(runs=args.runs, passes=args.passes)
+        latency, report = time_full_models(nets, calib, tmp, settings)
     print(
         f"full models, local runner on {report.report.get('machine', '?')}, 1 thread, batch 1, "
         f"{args.runs} runs x {args.passes} passes"
@@ -54,7 +49,7 @@ def main() -> None:
     for name, net in nets.items():
         costs = count_costs(net)
         mflops = costs.early_exit_costs(net.spec.exit_blocks())[-1] / 1e6
-        ms = [report.latency_ms(f"{Path(name).stem}_{p}") for p in ("fp32", "int8")]
+        ms = [latency[(name, p)] for p in ("fp32", "int8")]
         print(f"{name:<22} {costs.total_params:>9,} {mflops:>7.2f} {ms[0]:>8.3f} {ms[1]:>8.3f}")
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from device_bench.export import export_tflite
-from device_bench.runners import BenchSettings, LocalRunner
+from device_bench.pipeline import time_full_models
+from device_bench.runners import BenchSettings
 from lit_nas import ArchSpec, DataShape, MultiExitModule, NetConfig, build_net
 from lit_nas.latency import LatencyLUT
 
@@ -43,27 +43,20 @@ def main() -> None:
     specs = {"start": start_spec, "pruned": ArchSpec.from_dict({**pruned_spec.to_dict(), "gated": {}})}
     torch.manual_seed(0)
     calib = torch.randn(64, shape.in_channels, shape.input_size, shape.input_size)
+    nets = {name: build_net(spec).eval() for name, spec in specs.items()}
     with tempfile.TemporaryDirectory(prefix="lit_nas_pruned_") as tmp:
-        paths = {}
-        for name, spec in specs.items():
-            net = build_net(spec).eval()
-            result = export_tflite(net, Path(tmp) / name, calib, per_exit=False).by_name()
-            for precision in ("fp32", "int8"):
-                target = Path(tmp) / f"{name}_{precision}.tflite"
-                Path(result[f"full_{precision}"].path).rename(target)
-                paths[(name, precision)] = target
         settings = BenchSettings(runs=args.runs, passes=args.passes, warmup_s=0.5)
-        report = LocalRunner().run(list(paths.values()), settings)
+        latency, report = time_full_models(nets, calib, tmp, settings)
     lut = LatencyLUT.load(args.lut) if args.lut else None
     machine = report.report.get("machine", "?")
     print(
         f"{run.name}: full model, local runner on {machine}, 1 thread, batch 1, "
         f"{args.runs} runs x {args.passes} passes"
     )
-    params = {n: sum(p.numel() for p in build_net(s).parameters()) for n, s in specs.items()}
+    params = {n: sum(p.numel() for p in net.parameters()) for n, net in nets.items()}
     print(f"params: start {params['start']:,}, pruned {params['pruned']:,}")
     for precision in ("fp32", "int8"):
-        ms = {n: report.latency_ms(f"{n}_{precision}") for n in specs}
+        ms = {n: latency[(n, precision)] for n in specs}
         line = (
             f"{precision}: start {ms['start']:.3f} ms, pruned {ms['pruned']:.3f} ms, "
             f"pruned / start {ms['pruned'] / ms['start']:.3f}"

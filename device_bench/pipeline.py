@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from device_bench.export import ExportResult, nhwc
-from device_bench.runners import BenchSettings, LocalRunner, Runner
+from device_bench.export import ExportResult, export_tflite, nhwc
+from device_bench.runners import BenchReport, BenchSettings, LocalRunner, Runner
 from lit_nas.early_exit import early_exit
+from lit_nas.nets.base import MultiExitNet
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -226,3 +227,37 @@ def plot_latency_accuracy(report: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def time_full_models(
+    nets: dict[str, MultiExitNet],
+    calibration: Tensor,
+    out_dir: str | Path,
+    settings: BenchSettings,
+    runner: Runner | None = None,
+) -> tuple[dict[tuple[str, str], float], BenchReport]:
+    """Export each network's full model (fp32 and int8) and time them all in one run of ``runner``.
+
+    One run, in the runner's shuffled order over ``settings.passes`` passes, so the machine's drift hits all
+    networks alike: the only fair way to compare them.
+
+    Args:
+        nets: networks in eval mode, by name (used in file names: letters, digits, ``_``).
+        calibration: NCHW images for the int8 calibration.
+        out_dir: where the ``.tflite`` files are written.
+        settings: timing settings.
+        runner: where to time them (default: the local runner).
+
+    Returns:
+        Mean latency in ms by ``(name, "fp32" | "int8")``, and the runner's report.
+    """
+    out_dir = Path(out_dir)
+    paths = {}
+    for name, net in nets.items():
+        result = export_tflite(net, out_dir / name, calibration, per_exit=False).by_name()
+        for precision in ("fp32", "int8"):
+            target = out_dir / f"{name}_{precision}.tflite"
+            Path(result[f"full_{precision}"].path).rename(target)
+            paths[(name, precision)] = target
+    report = (runner or LocalRunner()).run(list(paths.values()), settings)
+    return {key: report.latency_ms(path.stem) for key, path in paths.items()}, report

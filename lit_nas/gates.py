@@ -23,12 +23,17 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lit_nas.nets.base import MultiExitNet
+from lit_nas.nets.base import MultiExitNet, gate_key
 
-
-def gate_key(group: str) -> str:
-    """Key of ``group``'s gate in ``net.gates`` (ParameterDict keys cannot contain dots)."""
-    return group.replace(".", "__")
+__all__ = [
+    "attach_gates",
+    "close_channels",
+    "fold_gates",
+    "gate_key",
+    "gated_groups",
+    "producer_norms",
+    "remove_gates",
+]
 
 
 def producer_norms(net: MultiExitNet, group: str) -> list[nn.BatchNorm2d]:

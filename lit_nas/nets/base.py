@@ -7,7 +7,7 @@ Inactive blocks (growing) are simply not run, so they cost nothing in forward or
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +94,11 @@ class DenseSource:
 GATE_KINDS = ("mask", "switch")
 
 
+def gate_key(group: str) -> str:
+    """Key of ``group``'s gate in ``net.gates`` (ParameterDict keys cannot contain dots)."""
+    return group.replace(".", "__")
+
+
 class GatedBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm whose output is multiplied by a channel gate when one is set (:mod:`lit_nas.gates`).
 
@@ -174,7 +179,7 @@ class MultiExitNet(nn.Module):
         for group, kind in groups.items():
             if kind not in GATE_KINDS:
                 raise ValueError(f"gate kind {kind!r} of {group!r} is not one of {list(GATE_KINDS)}")
-            key = group.replace(".", "__")
+            key = gate_key(group)
             if key not in self.gates:
                 norms = self.gated_norms(group)
                 ref = norms[0].weight
@@ -264,6 +269,16 @@ class MultiExitNet(nn.Module):
     def resized_spec(self, group: str, size: int) -> ArchSpec:
         """The ArchSpec after channel group ``group`` (a name from :meth:`channel_groups`) has ``size``."""
         raise NotImplementedError
+
+    def resized_spec_all(self, sizes: Mapping[str, int]) -> ArchSpec:
+        """The ArchSpec once every channel group named in ``sizes`` has its size (the net is unchanged)."""
+        spec = self.spec
+        try:
+            for group, size in sizes.items():
+                self.spec = self.resized_spec(group, size)  # each resize reads the spec the last one made
+            return self.spec
+        finally:
+            self.spec = spec
 
     def residual_scales(self, block: int) -> list[nn.Parameter]:
         """Scale of the last normalisation of each residual branch in ``block``.

@@ -21,10 +21,8 @@ def build_net(spec) -> MultiExitNet:
     """Build the network described by ``spec`` (an :class:`~lit_nas.arch.ArchSpec`)."""
     if spec.kind not in NETWORKS:
         raise ValueError(f"unknown network kind {spec.kind!r}; valid choices: {sorted(NETWORKS)}")
-    gated = dict(spec.gated)
-    spec.gated = {}  # the network records each gate again as it creates it
     net = NETWORKS[spec.kind](spec)
-    net.add_gates(gated)  # the channel gates the spec names, so a checkpoint's gates load into them
+    net.add_gates(dict(spec.gated))  # the gates the spec names, so a checkpoint's gates load into them
     return net
 
 
