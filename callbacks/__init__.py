@@ -11,6 +11,8 @@ from callbacks.fisher import FisherPruning
 from callbacks.garbage_collection import GarbageCollection
 from callbacks.growing import Growing
 from callbacks.last_checkpoint import LastCheckpoint
+from callbacks.morphnet import MorphNet
+from callbacks.netadapt import NetAdapt
 from callbacks.publish import PublishBest
 from callbacks.retrain import RetrainFromScratch
 from callbacks.run_summary import RunSummary
@@ -24,6 +26,8 @@ NAMED_CALLBACKS = {
     "snip": SnipPruning,
     "fisher": FisherPruning,
     "switch_l1": SwitchL1,
+    "netadapt": NetAdapt,
+    "morphnet": MorphNet,
     "gc": GarbageCollection,
     "retrain": RetrainFromScratch,
     "distillation": Distillation,
@@ -39,6 +43,8 @@ __all__ = [
     "GarbageCollection",
     "Growing",
     "LastCheckpoint",
+    "MorphNet",
+    "NetAdapt",
     "PublishBest",
     "RetrainFromScratch",
     "RunSummary",

@@ -178,3 +178,32 @@ def format_costs(spec: ArchSpec, costs: CostReport) -> str:
         "(all exits included)"
     )
     return "\n".join(lines)
+
+
+#: What a search's cost measures: parameters, MFLOPs to the last exit, or predicted latency (ms).
+MEASURES = ("params", "flops", "latency")
+
+
+def spec_cost(spec: ArchSpec, measure: str, lut=None) -> float:
+    """The cost of the architecture ``spec``, all blocks: parameters, MFLOPs or predicted latency (ms).
+
+    Args:
+        spec: the architecture (its gates play no part).
+        measure: ``params``, ``flops`` (MFLOPs of one image through every block and the last exit's head, as
+            FisherPruning counts) or ``latency`` (the full model, by ``lut``).
+        lut: a :class:`lit_nas.latency.LatencyLUT`, for ``latency``.
+    """
+    if measure == "latency":
+        if lut is None:
+            raise ValueError("spec_cost measure='latency' needs lut (latency look-up tables)")
+        return float(lut.predict(spec))
+    if measure not in MEASURES:
+        raise ValueError(f"spec_cost measure {measure!r} is not one of {list(MEASURES)}")
+    from lit_nas.nets.registry import build_net  # the registry builds every family: imported when used
+
+    bare = ArchSpec.from_dict({**spec.to_dict(), "gated": {}})
+    with torch.device("meta"):  # shapes only: no weights are drawn
+        report = count_costs(build_net(bare))
+    if measure == "params":
+        return float(report.total_params)
+    return report.flops_to_exit(bare.exit_blocks(active_only=False)[-1]) / 1e6

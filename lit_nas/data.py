@@ -143,7 +143,10 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``2 * batch_size``).
         val_size: images held out of the training set for validation (fixed seed).
-        split_seed: seed of the train/val split (fixed across runs).
+        holdout_size: images held out of the training set for a search's own choices (NetAdapt picks its
+            candidates on them), never trained on, never used for model selection (fixed seed, disjoint
+            from validation); 0: none.
+        split_seed: seed of the train/val/holdout split (fixed across runs).
         seed: seed of the shuffling and augmentation, combined with the epoch number; ``None`` takes
             ``torch.initial_seed()`` at setup, i.e. the run's ``seed_everything`` value.
         augment: random crop (reflect pad ``crop_pad``) and horizontal flip on training batches.
@@ -156,6 +159,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         val_size: int = 5000,
+        holdout_size: int = 0,
         split_seed: int = 0,
         seed: int | None = None,
         augment: bool = True,
@@ -167,7 +171,10 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0; got {val_size}")
+        if not isinstance(holdout_size, int) or holdout_size < 0:
+            raise ValueError(f"holdout_size must be an integer >= 0; got {holdout_size!r}")
         self.batch_size = batch_size
+        self.holdout_size = holdout_size
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.val_size = val_size
         self.split_seed = split_seed
@@ -214,15 +221,19 @@ class ImageDataModule(L.LightningDataModule):
             return
         arrays, self._arrays = self._arrays or self._checked_arrays(), None
         train_x, train_y, test_x, test_y = arrays
-        if self.val_size >= len(train_y):
+        held = self.val_size + self.holdout_size
+        if held >= len(train_y):
             raise ValueError(
-                f"val_size={self.val_size} leaves no training data (training set: {len(train_y)})"
+                f"val_size={self.val_size} + holdout_size={self.holdout_size} leaves no training data "
+                f"(training set: {len(train_y)})"
             )
         perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
-        val_idx, tr_idx = perm[: self.val_size], perm[self.val_size :]
+        # the holdout comes after validation, so holdout_size: 0 keeps every earlier run's splits
+        val_idx, hold_idx, tr_idx = perm[: self.val_size], perm[self.val_size : held], perm[held:]
         self._splits = {
             "train": _InMemory(train_x[tr_idx], train_y[tr_idx]),
             "val": _InMemory(train_x[val_idx], train_y[val_idx]),
+            "holdout": _InMemory(train_x[hold_idx], train_y[hold_idx]),
             "test": _InMemory(test_x, test_y),
         }
         self._seed = torch.initial_seed() if self.seed is None else self.seed
@@ -269,6 +280,19 @@ class ImageDataModule(L.LightningDataModule):
         g = torch.Generator().manual_seed(_mix(self._seed, seed, 2))
         idx = torch.randperm(len(ds), generator=g)[:n].view(num_batches, batch_size)
         return [self.prepare_batch(ds.__getitems__(i.tolist()), train=False) for i in idx]
+
+    def holdout_batches(self, batch_size: int | None = None) -> list[tuple[Tensor, Tensor]]:
+        """The held-out split (``holdout_size`` images), normalised, in a fixed order, on the CPU."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError("call setup() before holdout_batches(): the data is not loaded")
+        ds = self._splits["holdout"]
+        if len(ds) == 0:
+            raise ValueError("the datamodule holds no images out (holdout_size: 0); set data holdout_size")
+        n = batch_size or self.eval_batch_size
+        return [
+            self.prepare_batch(ds.__getitems__(list(range(i, min(i + n, len(ds))))), train=False)
+            for i in range(0, len(ds), n)
+        ]
 
     def prepare_batch(
         self, batch: tuple[Tensor, Tensor], train: bool, epoch: int = 0, rank: int = 0

@@ -33,15 +33,20 @@ def channel_chart(sizes: Mapping[str, int], path: str | Path, title: str = "") -
 
 
 def live_heatmap(
-    history: Sequence[Mapping[str, int]], sizes: Mapping[str, int], epochs: Sequence[int], path: str | Path
+    history: Sequence[Mapping[str, int]],
+    sizes: Mapping[str, int],
+    epochs: Sequence[int],
+    path: str | Path,
+    xlabel: str = "epoch",
 ) -> Path:
     """Heatmap of the live fraction of every group (rows) at each recorded epoch (columns), as a PNG.
 
     Args:
         history: live channels per group at each recorded epoch.
         sizes: channels of each group at the start (the 100% of each row).
-        epochs: the epoch of each entry of ``history``.
+        epochs: the epoch (or search iteration) of each entry of ``history``.
         path: where to write the PNG.
+        xlabel: what the columns are.
     """
     plt = _pyplot()
     path = Path(path)
@@ -51,7 +56,7 @@ def live_heatmap(
     im = ax.imshow(data, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(groups)), groups, fontsize=7)
     ax.set_xticks(range(len(epochs)), [str(e) for e in epochs], fontsize=7)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(xlabel)
     fig.colorbar(im, ax=ax, label="live fraction")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,12 @@ def tiny_fashion(tmp_path) -> Path:
 
 def data_args(config: str, tmp_path: Path, tiny_fashion: Path, monkeypatch) -> list[str]:
     text = (CONFIG_DIR / config).read_text()
+    if "holdout_size" in text:  # a search's held-out split, sized for the tiny data
+        return ["--data.init_args.holdout_size=16", *data_args_of(text, tmp_path, tiny_fashion, monkeypatch)]
+    return data_args_of(text, tmp_path, tiny_fashion, monkeypatch)
+
+
+def data_args_of(text: str, tmp_path: Path, tiny_fashion: Path, monkeypatch) -> list[str]:
     if "CIFAR10DataModule" in text:
         write_tiny_cifar10(tmp_path / "cifar", per_batch=20)
         skip_md5(monkeypatch)

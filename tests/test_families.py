@@ -53,9 +53,9 @@ def module(kind: str, exits: bool, seed: int = 0) -> MultiExitModule:
     )
 
 
-def synthetic_lut(kind: str, exits: bool, path):
+def synthetic_lut(kind: str, exits: bool, path, **changes):
     """Look-up tables over every layer key of the family, latency proportional to the work (+ a floor)."""
-    spec = recipe(kind, exits).build_spec(SHAPE)
+    spec = recipe(kind, exits, **changes).build_spec(SHAPE)
     tables = plan_tables([spec], channels=(2, 4, 8, 16))
     ms = {}
     for key, t in tables.items():

@@ -45,7 +45,7 @@ from lit_nas.validation import check_choice
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 #: callback keys that search (switched off in baselines unless a family's ``without`` says otherwise)
-SEARCH_KEYS = ("snip", "fisher", "switch_l1", "gc", "retrain")
+SEARCH_KEYS = ("snip", "fisher", "switch_l1", "netadapt", "morphnet", "gc", "retrain")
 #: also off when a found network is trained plainly: it is already grown and searched
 FOUND_OFF = ("growing", *SEARCH_KEYS, "distillation", "device_bench", "publish")
 NET = "model.init_args.net"

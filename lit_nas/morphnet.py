@@ -1,0 +1,100 @@
+"""MorphNet (pure functions): a cost-weighted sparsity penalty on BatchNorm scales, and the expand step.
+
+Gordon et al. 2018; Liège thesis section 4.7. The penalty is ``lambda * sum_channels cost_channel *
+|gamma_channel|``, ``gamma`` being the scale of the BatchNorm that produces the channel. Channels tied by skip
+connections (one channel group, several producing BatchNorms) enter through the L-infinity group LASSO:
+channel ``k`` of group ``g`` costs ``cost_g * max_p |gamma_{p,k}|`` over its producers ``p``, so pruning
+one member alone saves nothing and SGD drives all of them to zero or none. A channel whose largest
+``|gamma|`` falls below a threshold is dead: its gate closes and garbage collection removes it. The expand
+step multiplies every group's width by the one factor that meets a budget, for another shrinking round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from lit_nas.arch import ArchSpec
+from lit_nas.gates import gated_groups
+from lit_nas.nets.base import MultiExitNet
+
+
+def group_scales(net: MultiExitNet, group: str) -> Tensor:
+    """``|gamma|`` of every BatchNorm producing ``group``: ``(producers, channels)``, differentiable."""
+    return torch.stack([norm.weight.abs() for norm in net.gated_norms(group)])
+
+
+def penalty(net: MultiExitNet, costs: Mapping[str, float]) -> Tensor:
+    """``sum_g cost_g * sum_k max_p |gamma_{p,k}|`` over the groups in ``costs`` (multiply by lambda).
+
+    Channels already gated off do not count: they are dead, waiting for garbage collection.
+    """
+    gates = gated_groups(net)
+    total = None
+    for group, cost in costs.items():
+        scale = group_scales(net, group).max(0).values
+        gate = gates.get(group)
+        if gate is not None:
+            scale = scale * (gate.detach() != 0)
+        term = cost * scale.sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return total
+
+
+@torch.no_grad()
+def dead_channels(net: MultiExitNet, groups: Iterable[str], threshold: float) -> list[tuple[str, int]]:
+    """Live channels whose largest ``|gamma|`` is below ``threshold``; each group keeps its largest one."""
+    gates = gated_groups(net)
+    out = []
+    for group in groups:
+        scale = group_scales(net, group).max(0).values
+        live = gates[group] != 0 if group in gates else torch.ones_like(scale, dtype=torch.bool)
+        dead = live & (scale < threshold)
+        if bool(dead.sum() == live.sum()):  # never the whole group: its strongest channel stays
+            strongest = torch.where(live, scale, torch.full_like(scale, -1.0)).argmax()
+            dead[strongest] = False
+        out += [(group, int(k)) for k in dead.nonzero().flatten()]
+    return out
+
+
+def scaled_sizes(sizes: Mapping[str, int], factor: float) -> dict[str, int]:
+    """Every group's width times ``factor``, rounded down, at least 1."""
+    return {g: max(1, int(n * factor + 1e-9)) for g, n in sizes.items()}
+
+
+def expand(
+    net: MultiExitNet, cost_fn: Callable[[ArchSpec], float], budget: float, iterations: int = 40
+) -> tuple[ArchSpec, float]:
+    """The expand step: the largest uniform width factor whose network still fits ``budget``.
+
+    Every channel group's width is multiplied by one factor (rounded down, at least 1); the factor is found
+    by bisection, so the result fits the budget and one more channel in every group would not. Returns the
+    widened ArchSpec and the factor.
+    """
+    sizes = {g.name: g.size for g in net.channel_groups()}
+
+    def cost(factor: float) -> float:
+        return cost_fn(net.resized_spec_all(scaled_sizes(sizes, factor)))
+
+    lo, hi = 1.0, 2.0
+    if cost(lo) > budget:
+        lo = 0.0
+        hi = 1.0
+    else:
+        while cost(hi) <= budget:
+            lo, hi = hi, hi * 2
+            if hi > 1024:
+                raise ValueError(f"the budget {budget} is never reached by widening the network")
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if cost(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    if cost(lo) > budget:
+        raise ValueError(f"even one channel per group costs more than the budget {budget}")
+    return net.resized_spec_all(scaled_sizes(sizes, lo)), lo

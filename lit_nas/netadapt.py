@@ -1,0 +1,189 @@
+"""NetAdapt (pure functions): one iteration builds a pruned candidate per channel group and keeps the best.
+
+Yang et al. 2018; Liège thesis section 4.6, Algorithm 4 and the variations of 4.6.2. While the network's cost
+is above the objective, every channel group ``k`` gets the smallest number of channels whose removal cuts the
+cost by ``step`` (:func:`channels_to_cut`; groups tied by skip connections are one group, so their costs
+count together), the candidate with those channels removed (chosen by filter L2 norm or by the Fisher signal)
+is fine-tuned for a few batches, and the candidate picked on a held-out split (:func:`pick_best`) becomes the
+network; ``step`` decays.
+
+Every candidate is a deep copy: the network the search keeps, its weights and optimizer state, are read,
+never written, until the winner is applied (by the caller, with :func:`lit_nas.surgery.remove_channels`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lit_nas.arch import ArchSpec
+from lit_nas.fisher import FisherAccumulator
+from lit_nas.gates import attach_gates
+from lit_nas.nets.base import MultiExitNet
+from lit_nas.objectives import multi_exit_loss
+from lit_nas.surgery import remove_channels
+
+Batch = tuple[Tensor, Tensor]
+#: The cost of an architecture (ms, MFLOPs or parameters): :func:`lit_nas.cost.spec_cost` with its options.
+CostFn = Callable[[ArchSpec], float]
+CRITERIA = ("l2", "fisher")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """How many channels of one group to remove, and what that saves.
+
+    Attributes:
+        group: the channel group.
+        remove: channels to remove (at least 1, leaving at least 1).
+        cost: the network's cost after the removal.
+        reduction: the cost saved.
+        meets_step: whether ``reduction`` reaches the iteration's step (``False`` only for a small pruning).
+    """
+
+    group: str
+    remove: int
+    cost: float
+    reduction: float
+    meets_step: bool
+
+
+def channels_to_cut(
+    net: MultiExitNet, group: str, cost_fn: CostFn, current: float, step: float, allow_small: bool = False
+) -> Proposal | None:
+    """The fewest channels of ``group`` whose removal brings the cost to ``current - step`` or below.
+
+    Bisection over the number removed (the cost falls as channels go); the answer is checked against
+    ``cost_fn`` itself, so it always meets the step. If even leaving one channel does not, the group is
+    skipped (``None``), or with ``allow_small`` (the thesis's *allow small prunings*, section 4.6.2) proposes
+    removing all but one channel, for whatever it saves.
+    """
+    size = {g.name: g.size for g in net.channel_groups()}[group]
+    if size <= 1:
+        return None
+    target = current - step
+
+    def cost_after(n: int) -> float:
+        return cost_fn(net.resized_spec(group, size - n))
+
+    most = cost_after(size - 1)
+    if most > target:
+        if not allow_small or most >= current:
+            return None
+        return Proposal(group, size - 1, most, current - most, False)
+    lo, hi = 1, size - 1  # cost_after(hi) <= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost_after(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    cost = cost_after(hi)
+    if cost > target:  # a non-monotone table: fall back to the sure answer
+        hi, cost = size - 1, most
+    return Proposal(group, hi, cost, current - cost, True)
+
+
+def l2_scores(net: MultiExitNet, group: str) -> Tensor:
+    """Squared L2 norm of the filters producing each channel of ``group`` (summed over its producers)."""
+    g = {c.name: c for c in net.channel_groups()}[group]
+    modules = dict(net.named_modules())
+    total = torch.zeros(g.size, dtype=torch.float64)
+    for where in g.producers:
+        m = modules[where.module]
+        if isinstance(m, nn.BatchNorm2d):
+            continue  # the producing conv's filters carry the norm; a BN's scale is another criterion
+        w = m.weight.detach().double().transpose(0, where.dim) if where.dim else m.weight.detach().double()
+        w = w.flatten(1).pow(2).sum(1)
+        total += w[where.start : where.start + g.size * where.per_channel].view(g.size, -1).sum(1).cpu()
+    return total
+
+
+def fisher_scores_of(
+    net: MultiExitNet, groups: Sequence[str], batches: Iterable[Batch], weights: dict[int, float]
+) -> dict[str, Tensor]:
+    """Fisher signal ``Delta_k`` of every channel of ``groups``, on a copy of ``net`` (untouched)."""
+    probe = copy.deepcopy(net)
+    probe.train()
+    attach_gates(probe, groups)
+    acc = FisherAccumulator(probe, groups)
+    acc.attach()
+    try:
+        for x, y in batches:
+            probe.zero_grad(set_to_none=True)
+            loss, _ = multi_exit_loss(probe(x), y, weights)
+            loss.backward()
+            acc.end_step()
+    finally:
+        acc.detach()
+    return {g: s.detach().double().cpu() for g, s in acc.scores().items()}
+
+
+def prune_copy(net: MultiExitNet, group: str, remove: int, scores: Tensor) -> MultiExitNet:
+    """A copy of ``net`` without the ``remove`` channels of ``group`` with the lowest ``scores``."""
+    cand = copy.deepcopy(net)
+    order = torch.argsort(scores.cpu(), stable=True)  # ties: the lower index goes first
+    keep = order[remove:].sort().values
+    remove_channels(cand, group, keep)
+    return cand
+
+
+def fine_tune(
+    net: MultiExitNet,
+    batches: Iterable[Batch],
+    weights: dict[int, float],
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+) -> None:
+    """Short-term fine-tuning: one optimizer step per batch, in training mode, of ``net`` in place."""
+    net.train()
+    opt = make_optimizer([p for p in net.parameters() if p.requires_grad])
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = multi_exit_loss(net(x), y, weights)
+        loss.backward()
+        opt.step()
+
+
+@torch.no_grad()
+def accuracy(net: MultiExitNet, batches: Iterable[Batch]) -> float:
+    """Accuracy of the last exit on ``batches``, in eval mode (the training mode is restored)."""
+    was = net.training
+    net.eval()
+    right = total = 0
+    try:
+        for x, y in batches:
+            logits = net(x).final
+            right += int((logits.argmax(1) == y).sum())
+            total += len(y)
+    finally:
+        net.train(was)
+    return right / max(total, 1)
+
+
+def pick_best(base_acc: float, accs: Sequence[float], reductions: Sequence[float]) -> int:
+    """The thesis's ``pick_best_network`` (Algorithm 4): the index of the candidate to keep.
+
+    If some candidate is more accurate than the network it came from, the most accurate one; otherwise the one
+    with the smallest positive ratio ``-Delta acc / Delta cost`` (accuracy lost per unit of cost saved). Ties
+    go to the earlier candidate.
+    """
+    if not accs or len(accs) != len(reductions):
+        raise ValueError(f"need one reduction per candidate; got {len(accs)} accuracies, {len(reductions)}")
+    if max(accs) > base_acc:
+        return max(range(len(accs)), key=lambda i: (accs[i], -i))
+    ratios = [(base_acc - a) / r if r > 0 else math.inf for a, r in zip(accs, reductions, strict=True)]
+    return min(range(len(accs)), key=lambda i: (ratios[i], i))
+
+
+def sample_groups(groups: Sequence[str], fraction: float, generator: torch.Generator) -> list[str]:
+    """A random ``fraction`` of ``groups`` (at least one), in their original order (the thesis's speed-up)."""
+    if fraction >= 1:
+        return list(groups)
+    n = max(1, round(fraction * len(groups)))
+    chosen = torch.randperm(len(groups), generator=generator)[:n].sort().values
+    return [groups[int(i)] for i in chosen]
