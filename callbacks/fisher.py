@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -28,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture
+from callbacks.luts import check_covers, load_lut
 from lit_nas.cost import CostReport, channel_flops, count_costs
 from lit_nas.fisher import FisherAccumulator, select_channels
 from lit_nas.gates import attach_gates, close_channels, gated_groups
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 COSTS = ("none", "flops", "latency")
 TARGETS = ("channels", "params", "flops", "latency")
 SCOPES = ("all", "inner")
-_REPO = Path(__file__).resolve().parents[1]  # the checkout: where configs/luts/ lives
 _WHO = "FisherPruning"
 
 
@@ -103,14 +102,7 @@ class FisherPruning(Callback):
                     f"FisherPruning cost={cost!r}, stop_at={stop_at!r} need lut: the path of latency look-up "
                     "tables built for this network (python -m device_bench lut --config ... --out lut.json)"
                 )
-            path = Path(lut)
-            if not path.is_file() and not path.is_absolute() and (_REPO / path).is_file():
-                path = _REPO / path  # a shipped table (configs/luts/...), from any working directory
-            if not path.is_file():
-                raise ValueError(
-                    f"FisherPruning lut {lut!r} does not exist (relative to {Path.cwd()} nor to {_REPO})"
-                )
-            self.lut = LatencyLUT.load(path)
+            self.lut = load_lut(_WHO, lut)
         if (target_fraction is None) == (target_value is None):
             raise ValueError(
                 "FisherPruning needs exactly one of target_fraction and target_value; got "
@@ -144,13 +136,7 @@ class FisherPruning(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         module = require_nas_module(pl_module, _WHO)
-        if self.lut is not None:
-            try:
-                self.lut.predict(module.arch_spec)
-            except KeyError as err:
-                raise ValueError(
-                    f"{_WHO}: the latency look-up tables do not cover this network: {err}"
-                ) from err
+        check_covers(_WHO, self.lut, module.arch_spec)
         if stage == "fit":
             # before configure_optimizers, as on a resume (the checkpoint recreates them): the optimizer
             # then has the same parameter groups either way (the gates are frozen, in the no-decay group)

@@ -19,7 +19,6 @@ Example (YAML)::
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -29,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture
+from callbacks.luts import check_covers, load_lut
 from lit_nas.cost import channel_flops, spec_cost
 from lit_nas.gates import attach_gates, close_channels, gated_groups
 from lit_nas.latency import LatencyLUT, channel_latency
@@ -39,7 +39,6 @@ from lit_nas.surgery import collect_gated
 from lit_nas.validation import check_choice
 
 _WHO = "MorphNet"
-_REPO = Path(__file__).resolve().parents[1]
 COSTS = ("flops", "latency")
 
 
@@ -57,7 +56,8 @@ class MorphNet(Callback):
     is widened by the one factor that makes it cost the budget (``budget_fraction`` of the start cost, or
     ``budget_value``), rebuilt with fresh weights and a fresh optimizer, and shrunk again; an expansion at
     ``until_epoch + 1`` ends the search with the network that meets the budget, trained from scratch (Gordon
-    et al.'s last step).
+    et al.'s last step). With the latency cost no group grows past its start width: the look-up tables
+    were measured for the start network and price nothing wider.
 
     Logs ``morphnet/penalty`` every step, ``morphnet/dead`` (channels closed), ``morphnet/channels`` and
     ``morphnet/cost`` each epoch, ``morphnet/expand_factor`` at each expansion, and the W&B bar chart
@@ -126,16 +126,12 @@ class MorphNet(Callback):
                 raise ValueError(
                     f"{_WHO} cost: latency needs lut (python -m device_bench lut ... --out lut.json)"
                 )
-            path = Path(lut) if Path(lut).is_file() or Path(lut).is_absolute() else _REPO / lut
-            if not path.is_file():
-                raise ValueError(
-                    f"{_WHO} lut {lut!r} does not exist (relative to {Path.cwd()} nor to {_REPO})"
-                )
-            self.lut = LatencyLUT.load(path)
+            self.lut = load_lut(_WHO, lut)
         self.strength, self.cost, self.threshold = float(strength), cost, float(threshold)
         self.start_epoch, self.until_epoch, self.expand_epochs = start_epoch, until_epoch, expand_epochs
         self.budget_fraction, self.budget_value = budget_fraction, budget_value
         self.initial: float | None = None  # the start network's cost
+        self.start_sizes: dict[str, int] = {}  # its group widths
         self.expanded: list[tuple[int, float]] = []  # (epoch, factor) of every expansion done
         self.closed = 0
         self._costs: dict[str, float] = {}
@@ -152,16 +148,17 @@ class MorphNet(Callback):
     def _measure(self, spec: Any) -> float:
         return spec_cost(spec, "latency" if self.cost == "latency" else "flops", self.lut)
 
+    def _priced(self, spec: Any) -> float:
+        """``_measure``, with a network wider than the look-up tables priced out (over any budget)."""
+        try:
+            return self._measure(spec)
+        except KeyError:  # outside the tables: the expansion must not pick what it cannot price
+            return float("inf")
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         module = require_nas_module(pl_module, _WHO)
-        if self.lut is not None:
-            try:
-                self.lut.predict(module.arch_spec)
-            except KeyError as err:
-                raise ValueError(
-                    f"{_WHO}: the latency look-up tables do not cover this network: {err}"
-                ) from err
+        check_covers(_WHO, self.lut, module.arch_spec)
         if stage == "fit":  # before configure_optimizers, as on a resume: the gates are frozen masks
             attach_gates(module.net, [g.name for g in module.channel_groups()])
 
@@ -176,6 +173,7 @@ class MorphNet(Callback):
             raise ValueError(f"{_WHO}: the gates of {trainable} are trainable switches (SwitchL1?); use one")
         if self.initial is None:
             self.initial = self._measure(module.arch_spec)
+            self.start_sizes = {g.name: g.size for g in module.channel_groups()}
         module.add_loss_term("morphnet/penalty", self._loss)
         module.set_search_pending(_WHO, self._searching(trainer.current_epoch))
 
@@ -223,7 +221,9 @@ class MorphNet(Callback):
         collect_gated(module.net, trainer.optimizers)
         module.set_arch_spec(module.net.spec)
         budget = self.budget_value if self.budget_value is not None else self.initial * self.budget_fraction
-        spec, factor = expand(module.net, self._measure, budget)
+        # priced by look-up tables measured for the start network: no group grows past its start width
+        caps = self.start_sizes if self.lut is not None else None
+        spec, factor = expand(module.net, self._priced, budget, caps)
         spec.gated = {}
         module.set_arch_spec(spec, rebuild=True)
         attach_gates(module.net, [g.name for g in module.channel_groups()])
@@ -263,10 +263,16 @@ class MorphNet(Callback):
     # -- state --------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial, "expanded": [list(e) for e in self.expanded], "closed": self.closed}
+        return {
+            "initial": self.initial,
+            "start_sizes": dict(self.start_sizes),
+            "expanded": [list(e) for e in self.expanded],
+            "closed": self.closed,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial = state_dict["initial"]
+        self.start_sizes = dict(state_dict.get("start_sizes", {}))
         self.expanded = [(int(e), float(f)) for e, f in state_dict["expanded"]]
         self.closed = int(state_dict["closed"])

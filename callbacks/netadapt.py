@@ -16,7 +16,6 @@ Example (YAML)::
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -26,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture, write_found
+from callbacks.luts import check_covers, load_lut
 from lit_nas.cost import MEASURES, spec_cost
 from lit_nas.latency import LatencyLUT
 from lit_nas.netadapt import (
@@ -45,7 +45,6 @@ from lit_nas.surgery import remove_channels
 from lit_nas.validation import check_choice
 
 _WHO = "NetAdapt"
-_REPO = Path(__file__).resolve().parents[1]  # the checkout: where configs/luts/ lives
 
 
 class NetAdapt(Callback):
@@ -151,12 +150,7 @@ class NetAdapt(Callback):
                     f"{_WHO} stop_at: latency needs lut: latency look-up tables built for this network "
                     "(python -m device_bench lut --config ... --out lut.json)"
                 )
-            path = Path(lut) if Path(lut).is_file() or Path(lut).is_absolute() else _REPO / lut
-            if not path.is_file():
-                raise ValueError(
-                    f"{_WHO} lut {lut!r} does not exist (relative to {Path.cwd()} nor to {_REPO})"
-                )
-            self.lut = LatencyLUT.load(path)
+            self.lut = load_lut(_WHO, lut)
         self.stop_at, self.target_fraction, self.target_value = stop_at, target_fraction, target_value
         self.step_fraction, self.step_value, self.decay = step_fraction, step_value, decay
         self.start_epoch, self.iterations_per_epoch = start_epoch, iterations_per_epoch
@@ -186,13 +180,7 @@ class NetAdapt(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         module = require_nas_module(pl_module, _WHO)
-        if self.lut is not None:
-            try:
-                self.lut.predict(module.arch_spec)
-            except KeyError as err:
-                raise ValueError(
-                    f"{_WHO}: the latency look-up tables do not cover this network: {err}"
-                ) from err
+        check_covers(_WHO, self.lut, module.arch_spec)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -61,24 +61,31 @@ def dead_channels(net: MultiExitNet, groups: Iterable[str], threshold: float) ->
     return out
 
 
-def scaled_sizes(sizes: Mapping[str, int], factor: float) -> dict[str, int]:
-    """Every group's width times ``factor``, rounded down, at least 1."""
-    return {g: max(1, int(n * factor + 1e-9)) for g, n in sizes.items()}
+def scaled_sizes(
+    sizes: Mapping[str, int], factor: float, caps: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """Every group's width times ``factor``, rounded down, at least 1 (and at most its cap, if any)."""
+    out = {g: max(1, int(n * factor + 1e-9)) for g, n in sizes.items()}
+    return {g: min(n, caps[g]) if caps and g in caps else n for g, n in out.items()}
 
 
 def expand(
-    net: MultiExitNet, cost_fn: Callable[[ArchSpec], float], budget: float, iterations: int = 40
+    net: MultiExitNet,
+    cost_fn: Callable[[ArchSpec], float],
+    budget: float,
+    caps: Mapping[str, int] | None = None,
+    iterations: int = 40,
 ) -> tuple[ArchSpec, float]:
     """The expand step: the largest uniform width factor whose network still fits ``budget``.
 
-    Every channel group's width is multiplied by one factor (rounded down, at least 1); the factor is found
-    by bisection, so the result fits the budget and one more channel in every group would not. Returns the
-    widened ArchSpec and the factor.
+    Every channel group's width is multiplied by one factor (rounded down, at least 1, at most its entry in
+    ``caps``); the factor is found by bisection, so the result fits the budget and one more channel in every
+    group below its cap would not. Returns the widened ArchSpec and the factor.
     """
     sizes = {g.name: g.size for g in net.channel_groups()}
 
     def cost(factor: float) -> float:
-        return cost_fn(net.resized_spec_all(scaled_sizes(sizes, factor)))
+        return cost_fn(net.resized_spec_all(scaled_sizes(sizes, factor, caps)))
 
     lo, hi = 1.0, 2.0
     if cost(lo) > budget:
@@ -87,8 +94,8 @@ def expand(
     else:
         while cost(hi) <= budget:
             lo, hi = hi, hi * 2
-            if hi > 1024:
-                raise ValueError(f"the budget {budget} is never reached by widening the network")
+            if hi > 1024:  # every group at its cap (or the budget is out of reach): the widest allowed
+                return net.resized_spec_all(scaled_sizes(sizes, lo, caps)), lo
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if cost(mid) <= budget:
@@ -97,4 +104,4 @@ def expand(
             hi = mid
     if cost(lo) > budget:
         raise ValueError(f"even one channel per group costs more than the budget {budget}")
-    return net.resized_spec_all(scaled_sizes(sizes, lo)), lo
+    return net.resized_spec_all(scaled_sizes(sizes, lo, caps)), lo

@@ -182,22 +182,24 @@ MEASURED = {
 
 
 @pytest.mark.skipif(find_export_python() is None, reason="no TensorFlow environment (make export-env)")
-@pytest.mark.parametrize("kind", list(MEASURED))
-def test_measured_tables_through_the_local_runner(kind, tmp_path):
-    """The whole path on a small grid: one-layer models, timing, tables, prediction, validation."""
-    spec = MEASURED[kind].build_spec(DataShape(1, 8, 10))
+def test_measured_tables_through_the_local_runner(tmp_path):
+    """The whole path on a small grid, both families in one run: one-layer models, timing, tables,
+    prediction, validation (one export and one timing run keep it short)."""
+    specs = [cfg.build_spec(DataShape(1, 8, 10)) for cfg in MEASURED.values()]
     settings = BenchSettings(runs=5, passes=1, warmup_s=0.0)
     lut = measure_lut(
-        [spec], tmp_path / "lut", LocalRunner(), settings, channels=(2, 4), sigma=1.0, calibration=2
+        specs, tmp_path / "lut", LocalRunner(), settings, channels=(2, 4), sigma=1.0, calibration=2
     )
-    assert set(lut.tables) == set(plan_tables([spec], (2, 4)))
+    assert set(lut.tables) == set(plan_tables(specs, (2, 4)))
+    assert any(k.startswith("dw5_") for k in lut.tables) and any(k.startswith("conv3_") for k in lut.tables)
     assert lut.scale > 0 and lut.scale != 1.0  # fitted on the two calibration networks
     assert lut.device["machine"] and lut.settings["runs"] == 5
     for t in lut.tables.values():
         assert np.all(np.asarray(t["raw_ms"]) >= 0)
-    assert lut.predict(spec) > lut.overhead_ms
-    res = validate_lut(lut, pruned_variants(spec, 3, seed=1), tmp_path / "val", LocalRunner(), settings)
-    assert len(res["measured_ms"]) == 3 and all(m > 0 for m in res["measured_ms"])
+    assert all(lut.predict(spec) > lut.overhead_ms for spec in specs)
+    variants = [v for spec in specs for v in pruned_variants(spec, 2, seed=1)]
+    res = validate_lut(lut, variants, tmp_path / "val", LocalRunner(), settings)
+    assert len(res["measured_ms"]) == 4 and all(m > 0 for m in res["measured_ms"])
     assert -1 <= res["r"] <= 1 and res["mape"] >= 0
 
 

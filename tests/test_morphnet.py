@@ -76,6 +76,11 @@ def test_the_expand_step_lands_within_one_channel_per_group_of_the_budget(factor
     sizes = {g.name: g.size for g in build_net(spec).channel_groups()}
     start = {g.name: g.size for g in net.channel_groups()}
     assert all(sizes[g] == max(1, int(n * omega + 1e-9)) for g, n in start.items())
+    # capped groups stop at their cap; the others still widen to the budget
+    caps = {name: n for name, n in start.items() if name.endswith(".mid")}
+    capped, omega = expand(net, cost, budget, caps)
+    capped_sizes = {g.name: g.size for g in build_net(capped).channel_groups()}
+    assert cost(capped) <= budget and all(capped_sizes[g] <= n for g, n in caps.items())
 
 
 def test_morphnet_closes_dead_channels_gc_removes_them_and_the_expansion_meets_the_budget(tmp_path):
@@ -113,6 +118,33 @@ def test_an_expansion_after_the_search_ends_it_with_the_network_that_meets_the_b
     assert end <= 0.5 * start_cost < spec_cost(wider, "flops")  # the budget, to one channel per group
     assert not m.pending_searches()  # the last epoch trained the final network: model selection sees it
     assert torch.isfinite(trainer.callback_metrics["val/acc_full"])
+
+
+def test_with_the_latency_cost_an_expansion_never_leaves_the_look_up_tables(tmp_path):
+    """The tables end at the start network's widths: widening to 4x its latency must stop there."""
+    from tests.test_families import synthetic_lut
+
+    lut = synthetic_lut("resnet_sdn", True, tmp_path / "lut.json")
+    torch.manual_seed(0)
+    m = MultiExitModule(net=NetConfig(**TINY), data_shape=SHAPE, optimizer={"name": "sgd", "lr": 0.1})
+    start = lut.predict(m.arch_spec)
+    start_sizes = {g.name: g.size for g in m.channel_groups()}
+    search = MorphNet(
+        strength=1000.0,
+        threshold=0.2,
+        cost="latency",
+        lut=str(tmp_path / "lut.json"),
+        until_epoch=1,
+        expand_epochs=[2],
+        budget_fraction=4.0,
+    )
+    tiny_trainer(tmp_path, max_epochs=3, callbacks=[search, GarbageCollection()]).fit(
+        m, datamodule=tiny_data()
+    )
+    assert [e for e, _ in search.expanded] == [2] and search.expanded[0][1] >= 1
+    assert lut.predict(m.arch_spec) <= 4.0 * start  # priced by the tables (it raises outside them)
+    assert search.closed > 0  # it had shrunk; the expansion brings every group back to its start width
+    assert {g.name: g.size for g in m.channel_groups()} == start_sizes
 
 
 @pytest.mark.parametrize(

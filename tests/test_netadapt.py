@@ -244,3 +244,20 @@ def test_a_search_without_a_holdout_split_is_refused_before_training(lut_path, t
     with pytest.raises(ValueError, match="set data holdout_size"):
         trainer.fit(module(), datamodule=data(holdout=0))
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("kind", ["mobilenet_v1", "mobilenet_v2"])  # dwsep and inverted cells (depthwise)
+def test_an_iteration_runs_on_the_mobile_families_and_the_checkpoint_rebuilds_it(kind, tmp_path):
+    from tests.test_families import module as family_module
+    from tests.test_families import reloads_exactly
+
+    m = family_module(kind, exits=False)
+    search = NetAdapt(
+        stop_at="flops", target_fraction=0.5, step_fraction=0.1, short_term_batches=1, group_fraction=0.5
+    )
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[search])
+    before = spec_cost(m.arch_spec, "flops")
+    trainer.fit(m, datamodule=data())
+    (it,) = search.history
+    assert spec_cost(m.arch_spec, "flops") == pytest.approx(it["cost"]) and it["cost"] <= before * 0.9 + 1e-9
+    reloads_exactly(trainer, m, tmp_path)

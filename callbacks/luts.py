@@ -1,0 +1,33 @@
+"""The latency look-up tables a callback is given: found from any working directory, checked against the net.
+
+Not an algorithm: the two steps FisherPruning, NetAdapt and MorphNet share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lit_nas.arch import ArchSpec
+from lit_nas.latency import LatencyLUT
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: where configs/luts/ lives
+
+
+def load_lut(who: str, lut: str) -> LatencyLUT:
+    """Read the tables at ``lut``: a path, or one relative to the checkout (``configs/luts/...``)."""
+    path = Path(lut)
+    if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
+        path = REPO / path  # a shipped table, from any working directory
+    if not path.is_file():
+        raise ValueError(f"{who} lut {lut!r} does not exist (relative to {Path.cwd()} nor to {REPO})")
+    return LatencyLUT.load(path)
+
+
+def check_covers(who: str, lut: LatencyLUT | None, spec: ArchSpec) -> None:
+    """``ValueError`` naming the missing table if ``lut`` cannot price the network ``spec``."""
+    if lut is None:
+        return
+    try:
+        lut.predict(spec)
+    except KeyError as err:
+        raise ValueError(f"{who}: the latency look-up tables do not cover this network: {err}") from err
