@@ -35,7 +35,7 @@ from lit_nas.latency import LatencyLUT, channel_latency
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, nas, require_nas_module
 from lit_nas.surgery import collect_gated
-from lit_nas.validation import check_choice
+from lit_nas.validation import check_choice, check_target, target_of
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,7 @@ class FisherPruning(Callback):
                     "tables built for this network (python -m device_bench lut --config ... --out lut.json)"
                 )
             self.lut = load_lut(_WHO, lut)
-        if (target_fraction is None) == (target_value is None):
-            raise ValueError(
-                "FisherPruning needs exactly one of target_fraction and target_value; got "
-                f"target_fraction={target_fraction}, target_value={target_value}"
-            )
-        if target_fraction is not None and not 0 < target_fraction < 1:
-            raise ValueError(f"FisherPruning target_fraction must lie in (0, 1); got {target_fraction}")
-        if target_value is not None and target_value <= 0:
-            raise ValueError(f"FisherPruning target_value must be > 0; got {target_value}")
+        check_target(_WHO, target_fraction, target_value)
         check_choice(_WHO, "scope", scope, SCOPES)
         if not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"FisherPruning start_epoch must be an integer >= 0; got {start_epoch!r}")
@@ -170,14 +162,9 @@ class FisherPruning(Callback):
         self._acc.attach()
         if self.initial is None:  # a fresh run (a resume restores them)
             self.initial = self._measure(module)
-            self.target = (
-                self.initial * self.target_fraction if self.target_fraction is not None else self.target_value
+            self.target = target_of(
+                _WHO, self.stop_at, self.initial, self.target_fraction, self.target_value, self._fmt
             )
-            if self.target >= self.initial:
-                raise ValueError(
-                    f"{_WHO} target already met: {self.stop_at} is {self._fmt(self.initial)}, target_value "
-                    f"{self._fmt(self.target)}"
-                )
         module.set_search_pending(_WHO, not self.done)
 
     @override

@@ -32,7 +32,7 @@ from callbacks.luts import check_covers, load_lut
 from lit_nas.cost import channel_flops, spec_cost
 from lit_nas.gates import attach_gates, close_channels, gated_groups
 from lit_nas.latency import LatencyLUT, channel_latency
-from lit_nas.morphnet import dead_channels, expand, penalty
+from lit_nas.morphnet import dead_channels, expand, penalty, producer_norms
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, nas, require_nas_module
 from lit_nas.surgery import collect_gated
@@ -135,6 +135,8 @@ class MorphNet(Callback):
         self.expanded: list[tuple[int, float]] = []  # (epoch, factor) of every expansion done
         self.closed = 0
         self._costs: dict[str, float] = {}
+        self._costs_for = -1  # the epoch ``_costs`` were computed for (at the previous epoch's end)
+        self._norms: dict[str, list[Any]] = {}  # each group's producing BatchNorms, found at epoch start
         self._epoch = -1  # the epoch running, and the network the penalty reads (set at each epoch start)
         self._net: Any = None
 
@@ -191,7 +193,7 @@ class MorphNet(Callback):
     def _loss(self, images: Tensor, targets: Tensor, outputs: Any) -> Tensor:
         if self._net is None or not self._active(self._epoch):
             return images.new_zeros(())
-        return self.strength * penalty(self._net, self._costs)
+        return self.strength * penalty(self._net, self._costs, self._norms)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -202,12 +204,15 @@ class MorphNet(Callback):
         self._epoch, self._net = epoch, module.net
         module.set_search_pending(_WHO, self._searching(epoch))
         if self._active(epoch):
-            self._costs = self._channel_costs(module)
+            if self._costs_for != epoch:  # first epoch, a resume or an expansion: the end of the last didn't
+                probe = copy.deepcopy(module.net)
+                collect_gated(probe)
+                self._costs = self._channel_costs(probe)
+            # after any collection or expansion: the modules the penalty reads all epoch
+            self._norms = producer_norms(module.net, self._costs)
 
-    def _channel_costs(self, module: NASModule) -> dict[str, float]:
-        """Per-channel cost of every group, in units of the network's whole cost (live channels only)."""
-        probe = copy.deepcopy(module.net)
-        collect_gated(probe)
+    def _channel_costs(self, probe: Any) -> dict[str, float]:
+        """Per-channel cost of every group, in units of the network's whole cost (``probe``: collected)."""
         if self.lut is not None:
             total, per = self.lut.predict(probe.spec), channel_latency(self.lut, probe)
         else:
@@ -229,6 +234,7 @@ class MorphNet(Callback):
         attach_gates(module.net, [g.name for g in module.channel_groups()])
         trainer.strategy.setup_optimizers(trainer)  # the new parameters, a fresh state and schedule
         self.expanded.append((trainer.current_epoch, factor))
+        self._costs_for = -1  # a new network: its costs are computed anew
         module.log("morphnet/expand_factor", factor, on_step=False, on_epoch=True)
         print(f"\n{_WHO}: expanded x{factor:.3f} to {self._measure(spec):.4g} (budget {budget:.4g})")
 
@@ -244,8 +250,10 @@ class MorphNet(Callback):
         self.closed += len(dead)
         gates = gated_groups(module.net)
         live = {g: int((gates[g] != 0).sum()) for g in groups}
-        probe = copy.deepcopy(module.net)
+        probe = copy.deepcopy(module.net)  # what GarbageCollection will leave: the next epoch's costs too
         collect_gated(probe)
+        if self._active(epoch + 1):
+            self._costs, self._costs_for = self._channel_costs(probe), epoch + 1
         for key, value in (
             ("morphnet/dead", len(dead)),
             ("morphnet/channels", sum(live.values())),

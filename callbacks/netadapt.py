@@ -42,7 +42,7 @@ from lit_nas.netadapt import (
 from lit_nas.plots import live_heatmap
 from lit_nas.protocol import NASModule, nas, require_nas_module
 from lit_nas.surgery import remove_channels
-from lit_nas.validation import check_choice
+from lit_nas.validation import check_choice, check_target, target_of
 
 _WHO = "NetAdapt"
 
@@ -113,15 +113,7 @@ class NetAdapt(Callback):
         super().__init__()
         check_choice(_WHO, "stop_at", stop_at, MEASURES)
         check_choice(_WHO, "criterion", criterion, CRITERIA)
-        if (target_fraction is None) == (target_value is None):
-            raise ValueError(
-                f"{_WHO} needs exactly one of target_fraction and target_value; got "
-                f"target_fraction={target_fraction}, target_value={target_value}"
-            )
-        if target_fraction is not None and not 0 < target_fraction < 1:
-            raise ValueError(f"{_WHO} target_fraction must lie in (0, 1); got {target_fraction}")
-        if target_value is not None and target_value <= 0:
-            raise ValueError(f"{_WHO} target_value must be > 0; got {target_value}")
+        check_target(_WHO, target_fraction, target_value)
         if step_value is not None:
             step_fraction = None  # an explicit step replaces the default fraction
         if step_fraction is None and step_value is None:
@@ -200,14 +192,9 @@ class NetAdapt(Callback):
             )
         if self.initial is None:  # a fresh run (a resume restores the search)
             self.initial = self.cost = self.cost_of(module.arch_spec)
-            self.target = self.initial * self.target_fraction if self.target_fraction else self.target_value
+            self.target = target_of(_WHO, self.stop_at, self.initial, self.target_fraction, self.target_value)
             self.step = self.step_value if self.step_value is not None else self.initial * self.step_fraction
             self.start_sizes = {g.name: g.size for g in module.channel_groups()}
-            if self.target >= self.initial:
-                raise ValueError(
-                    f"{_WHO} target already met: {self.stop_at} is {self.initial:.4g}, target "
-                    f"{self.target:.4g}"
-                )
         module.set_search_pending(_WHO, not self.done)
 
     @override

@@ -11,30 +11,42 @@ step multiplies every group's width by the one factor that meets a budget, for a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lit_nas.arch import ArchSpec
 from lit_nas.gates import gated_groups
 from lit_nas.nets.base import MultiExitNet
 
 
-def group_scales(net: MultiExitNet, group: str) -> Tensor:
-    """``|gamma|`` of every BatchNorm producing ``group``: ``(producers, channels)``, differentiable."""
-    return torch.stack([norm.weight.abs() for norm in net.gated_norms(group)])
+def producer_norms(net: MultiExitNet, groups: Iterable[str]) -> dict[str, list[nn.Module]]:
+    """The BatchNorms producing each of ``groups``: look them up once, not on every training step."""
+    return {group: list(net.gated_norms(group)) for group in groups}
 
 
-def penalty(net: MultiExitNet, costs: Mapping[str, float]) -> Tensor:
+def group_scales(net: MultiExitNet, group: str, norms: Sequence[nn.Module] | None = None) -> Tensor:
+    """``|gamma|`` of every BatchNorm producing ``group``: ``(producers, channels)``, differentiable.
+
+    ``norms``: those BatchNorms, from :func:`producer_norms` (looked up in ``net`` when ``None``).
+    """
+    norms = net.gated_norms(group) if norms is None else norms
+    return torch.stack([norm.weight.abs() for norm in norms])
+
+
+def penalty(
+    net: MultiExitNet, costs: Mapping[str, float], norms: Mapping[str, Sequence[nn.Module]] | None = None
+) -> Tensor:
     """``sum_g cost_g * sum_k max_p |gamma_{p,k}|`` over the groups in ``costs`` (multiply by lambda).
 
-    Channels already gated off do not count: they are dead, waiting for garbage collection.
+    Channels already gated off do not count: they are dead, waiting for garbage collection. ``norms``: the
+    producers of every group in ``costs`` (:func:`producer_norms`), so a training step does not walk the net.
     """
     gates = gated_groups(net)
     total = None
     for group, cost in costs.items():
-        scale = group_scales(net, group).max(0).values
+        scale = group_scales(net, group, norms[group] if norms is not None else None).max(0).values
         gate = gates.get(group)
         if gate is not None:
             scale = scale * (gate.detach() != 0)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks import GarbageCollection, MorphNet
 from lit_nas import DataShape, MultiExitModule, NetConfig, build_net
 from lit_nas.cost import spec_cost
 from lit_nas.gates import attach_gates, close_channels
-from lit_nas.morphnet import dead_channels, expand, penalty
+from lit_nas.morphnet import dead_channels, expand, penalty, producer_norms
+from lit_nas.nets.base import MultiExitNet
+from lit_nas.surgery import collect_gated
 from tests.conftest import TINY, tiny_data, tiny_trainer
 
 SHAPE = DataShape(3, 16, 10)
@@ -102,6 +106,57 @@ def test_morphnet_closes_dead_channels_gc_removes_them_and_the_expansion_meets_t
     assert len(trainer.callback_metrics) and "morphnet/penalty" in trainer.callback_metrics
     back = MultiExitModule.load_from_checkpoint(next((tmp_path / "c").glob("*.ckpt")), weights_only=False)
     assert back.arch_spec == m.arch_spec
+
+
+class _CostSpy(Callback):
+    """After MorphNet's epoch start: its cached costs equal fresh ones; no training step walks the net."""
+
+    def __init__(self, search: MorphNet) -> None:
+        self.search, self.checked, self.lookups_in_steps, self._before = search, [], 0, 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if not self.search._active(trainer.current_epoch):
+            return
+        probe = copy.deepcopy(pl_module.net)
+        collect_gated(probe)
+        assert self.search._costs == self.search._channel_costs(probe)
+        for group, norms in self.search._norms.items():
+            assert all(a is b for a, b in zip(norms, pl_module.net.gated_norms(group), strict=True))
+        self.checked.append(trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = _LOOKUPS[0]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lookups_in_steps += _LOOKUPS[0] - self._before
+
+
+_LOOKUPS = [0]
+
+
+def test_the_penalty_reads_costs_and_norms_cached_at_epoch_start_equal_to_fresh_ones(tmp_path, monkeypatch):
+    lookup = MultiExitNet.gated_norms
+
+    def counted(self, group):
+        _LOOKUPS[0] += 1
+        return lookup(self, group)
+
+    monkeypatch.setattr(MultiExitNet, "gated_norms", counted)
+    torch.manual_seed(0)
+    m = MultiExitModule(net=NetConfig(**TINY), data_shape=SHAPE, optimizer={"name": "sgd", "lr": 0.1})
+    search = MorphNet(strength=30.0, threshold=0.2, until_epoch=3, expand_epochs=[2], budget_fraction=1.0)
+    spy = _CostSpy(search)
+    trainer = tiny_trainer(tmp_path, max_epochs=4, callbacks=[search, GarbageCollection(), spy])
+    trainer.fit(m, datamodule=tiny_data())
+    assert spy.checked == [0, 1, 2, 3]  # after closings and collections (1, 3) and the expansion (2)
+    assert search.closed > 0
+    assert spy.lookups_in_steps == 0
+    # the cached producers give the same penalty as looking them up
+    net = m.net
+    costs = dict(search._costs)
+    torch.testing.assert_close(
+        penalty(net, costs, producer_norms(net, costs)), penalty(net, costs), rtol=0, atol=0
+    )
 
 
 def test_an_expansion_after_the_search_ends_it_with_the_network_that_meets_the_budget(tmp_path):
