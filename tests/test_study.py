@@ -102,7 +102,7 @@ def _read_csv(path: Path) -> list[dict]:
         ({"config": "no_such_config.yaml"}, "unknown config 'no_such_config.yaml'"),
         ({"gird": {"a": [1]}}, "key must be one of"),
         ({"seeds": []}, "seeds must be a non-empty list"),
-        ({"series": "snip.mode"}, "series 'snip.mode' is not a grid key"),
+        ({"series": "snip.mode"}, "series 'snip.mode' is not a key of every grid"),
         ({"baselines": {"plain": {"width_multiplier": [0.5]}}}, "'width_multiplier'"),
         ({"search_cost": {"seeds": [7]}}, "search_cost must be"),
     ],
@@ -135,6 +135,31 @@ def test_trial_ids_are_stable_and_distinct(tmp_path):
     assert ids == [t.id for t in tiny_spec(tmp_path, search_cost={"seeds": [0]}).trials()]
     assert point_id({"a.b": 1, "c": "x"}) == point_id({"c": "x", "a.b": 1})
     assert point_id({"a.b": 1}) != point_id({"a.c": 1})
+
+
+def test_a_list_of_grids_searches_the_union_each_point_with_its_own_linked_keys(tmp_path):
+    snip = str(ROOT / "tests" / "configs" / "tiny_snip.yaml")
+    grid = [
+        {"config": {TINY: {"fisher.per_step": 2}}, "fisher.target_fraction": [0.7, 0.9]},
+        {"config": {snip: {"snip.steps": 2}}, "snip.keep_ratio": [0.3]},
+    ]
+    spec = tiny_spec(tmp_path, grid=grid, series="config", seeds=[0], baselines={})
+    points = spec.search_points()
+    assert points == [
+        {"config": TINY, "fisher.target_fraction": 0.7},
+        {"config": TINY, "fisher.target_fraction": 0.9},
+        {"config": snip, "snip.keep_ratio": 0.3},
+    ]
+    assert spec.point_overrides(points[1]) == {"fisher.target_fraction": 0.9, "fisher.per_step": 2}
+    assert spec.point_overrides(points[2]) == {"snip.keep_ratio": 0.3, "snip.steps": 2}
+    args = {t.point_id: t.args for t in spec.trials()}
+    snip_args = args[point_id(points[2])]
+    assert snip_args[:2] == ("--config", snip) and "--fisher.per_step" not in snip_args
+    assert len(set(args)) == 3
+    with pytest.raises(StudySpecError, match=r"series 'fisher.target_fraction' is not a key of every grid"):
+        tiny_spec(tmp_path, grid=grid, series="fisher.target_fraction")
+    with pytest.raises(StudySpecError, match="grid is empty"):
+        tiny_spec(tmp_path, grid=[])
 
 
 def test_width_multipliers_scale_every_width_of_a_wrn():

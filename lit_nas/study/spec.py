@@ -17,6 +17,9 @@ Example::
     series: snip.mode                        # grid key drawn as separate lines (optional)
     # a grid key named config trains each of its configs in place of the base one (compare families):
     #   grid: {config: [quickstart.yaml, mobilenet_v2_fast.yaml]}
+    # a list of grids searches the union of their products (each config with its own keys):
+    #   grid: [{config: [netadapt_fast.yaml], netadapt.target_fraction: [0.5, 0.3]},
+    #          {config: [fisher_fast.yaml], fisher.target_fraction: [0.5, 0.3]}]
     seeds: [0, 1, 2]
     search_cost: {seeds: [0]}                # plain training of each found network, for the search cost
     baselines:
@@ -151,6 +154,10 @@ class StudySpec:
     seeds: list[int]
     baselines: list[Family]
     linked: dict[str, dict[Any, dict[str, Any]]] = field(default_factory=dict)
+    #: every sub-grid ``(grid, linked)`` when the spec's grid is a list; ``grid``/``linked`` merge them
+    subgrids: list[tuple[dict[str, list[Any]], dict[str, dict[Any, dict[str, Any]]]]] = field(
+        default_factory=list
+    )
     series: str | None = None
     search_cost_seeds: list[int] = field(default_factory=list)
     cpus: float = 1.0
@@ -176,7 +183,14 @@ class StudySpec:
         if "config" not in data:
             raise StudySpecError(f"study spec {path}: 'config' (the base config) is required")
         config = resolve_config(str(data["config"]))
-        grid, linked = _grid(data.get("grid"), "grid", path, required=True)
+        subgrids = _grids(data.get("grid"), path)
+        grid: dict[str, list[Any]] = {}
+        linked: dict[str, dict[Any, dict[str, Any]]] = {}
+        for sub, sub_linked in subgrids:
+            for key, values in sub.items():
+                grid.setdefault(key, []).extend(v for v in values if v not in grid.get(key, []))
+            for key, extra in sub_linked.items():
+                linked.setdefault(key, {}).update(extra)
         for name in grid.get(CONFIG, []):
             resolve_config(str(name))  # fails now, naming the config, not when its trial starts
         seeds = data.get("seeds", [0])
@@ -187,9 +201,10 @@ class StudySpec:
         if len(set(seeds)) != len(seeds):
             raise StudySpecError(f"study spec {path}: seeds repeat: {seeds}")
         series = data.get("series")
-        if series is not None and series not in grid:
+        if series is not None and any(series not in sub for sub, _ in subgrids):
+            common = sorted(set.intersection(*(set(sub) for sub, _ in subgrids)))
             raise StudySpecError(
-                f"study spec {path}: series {series!r} is not a grid key; valid choices: {sorted(grid)}"
+                f"study spec {path}: series {series!r} is not a key of every grid; valid choices: {common}"
             )
         cost = data.get("search_cost") or {}
         cost_seeds = list(cost.get("seeds", [])) if isinstance(cost, dict) else None
@@ -217,6 +232,7 @@ class StudySpec:
             overrides=dict(overrides),
             grid=grid,
             linked=linked,
+            subgrids=subgrids,
             seeds=list(seeds),
             baselines=families,
             series=series,
@@ -231,17 +247,27 @@ class StudySpec:
         return ["--config", str(config), *override_args(self.overrides)]
 
     def search_points(self) -> list[dict[str, Any]]:
-        """The searched grid points, in grid order."""
-        return _product(self.grid)
+        """The searched grid points, in grid order (sub-grid by sub-grid)."""
+        if not self.subgrids:
+            return _product(self.grid)
+        out: list[dict[str, Any]] = []
+        for sub, _ in self.subgrids:
+            out += [p for p in _product(sub) if p not in out]
+        return out
 
     def point_overrides(self, point: Mapping[str, Any]) -> dict[str, Any]:
-        """The overrides of a searched point: its values and the keys linked to them.
+        """The overrides of a searched point: its values and the keys linked to them (in its sub-grid).
 
         A ``config`` value is not an override: it replaces the base config.
         """
+        linked = self.linked
+        for sub, sub_linked in self.subgrids:
+            if set(sub) == set(point) and all(point[k] in sub[k] for k in sub):
+                linked = sub_linked
+                break
         out = {k: v for k, v in point.items() if k != CONFIG}
         for key, value in point.items():
-            out.update(self.linked.get(key, {}).get(value, {}))
+            out.update(linked.get(key, {}).get(value, {}))
         return out
 
     def family_points(self, family: Family) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -363,6 +389,15 @@ def scaled_widths(net: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
 def _product(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _grids(value: Any, path: Path) -> list[tuple[dict[str, list[Any]], dict[str, dict[Any, dict[str, Any]]]]]:
+    """The spec's grid as sub-grids: one mapping, or a list of them (the union of their products)."""
+    if isinstance(value, list):
+        if not value:
+            raise StudySpecError(f"study spec {path}: grid is empty; give at least one key with a list")
+        return [_grid(sub, f"grid[{i}]", path, required=True) for i, sub in enumerate(value)]
+    return [_grid(value, "grid", path, required=True)]
 
 
 def _grid(
