@@ -60,7 +60,7 @@ train: setup data
 	$(PY) train.py fit --config $(CONFIG)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -131,6 +131,15 @@ def layer_models(
     """
     from device_bench.export import load_manifest, run_tf_side
 
+    tables, where, root = _layer_bundle(specs, out_dir, channels)
+    run_tf_side([root], python)
+    return tables, where, [m.path for m in load_manifest(root).models]
+
+
+def _layer_bundle(
+    specs: Iterable[ArchSpec], out_dir: str | Path, channels: Sequence[int]
+) -> tuple[dict[str, TableSpec], dict[str, tuple[str, int, int]], Path]:
+    """The bundle of :func:`layer_models`, not yet converted: its tables, model places and directory."""
     tables = plan_tables(specs, channels)
     layers: dict[str, dict[str, Any]] = {"overhead": {"op": "add", "res": 1, "cin": 1, "cout": 1}}
     where: dict[str, tuple[str, int, int]] = {}
@@ -143,8 +152,7 @@ def layer_models(
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps({"layers": layers}))
-    run_tf_side([root], python)
-    return tables, where, [m.path for m in load_manifest(root).models]
+    return tables, where, root
 
 
 def lut_from_report(
@@ -195,9 +203,14 @@ def measure_lut(
         statistic: ``median`` or ``mean`` of each model's timed runs.
         python: Python of the TensorFlow environment.
     """
-    tables, where, paths = layer_models(specs, Path(out_dir) / "layers", channels, python)
+    from device_bench.export import load_manifest, run_tf_side
+
+    tables, where, layers = _layer_bundle(specs, Path(out_dir) / "layers", channels)
     calib_specs = pruned_variants(specs[0], calibration, seed=1000) if calibration else []
-    calib_paths = variant_models(calib_specs, Path(out_dir) / "calibration", python) if calib_specs else []
+    calib = _variant_bundles(calib_specs, Path(out_dir) / "calibration")
+    run_tf_side([layers, *calib], python)  # one TensorFlow start-up for the layers and the calibration nets
+    paths = [m.path for m in load_manifest(layers).models]
+    calib_paths = _variant_paths(calib)
     result = runner.run(paths + calib_paths, settings)  # one shuffled run: the same conditions for both
     lut = lut_from_report(tables, where, result, sigma, statistic)
     if calib_specs:
@@ -230,15 +243,28 @@ def pruned_variants(spec: ArchSpec, n: int, seed: int = 0, low: float = 0.25) ->
 
 def variant_models(specs: Sequence[ArchSpec], out_dir: str | Path, python: str | None = None) -> list[Path]:
     """Export the full fp32 model of each spec (random weights) as ``variant<i>.tflite``."""
-    from device_bench.export import load_manifest, run_tf_side, write_bundle
+    from device_bench.export import run_tf_side
+
+    bundles = _variant_bundles(specs, out_dir)
+    run_tf_side(bundles, python)
+    return _variant_paths(bundles)
+
+
+def _variant_bundles(specs: Sequence[ArchSpec], out_dir: str | Path) -> list[Path]:
+    from device_bench.export import write_bundle
     from lit_nas.nets import build_net
 
     root = Path(out_dir)
-    bundles = [
+    return [
         write_bundle(build_net(s), root / f"variant{i:03d}", precisions=("fp32",), per_exit=False)
         for i, s in enumerate(specs)
     ]
-    run_tf_side(bundles, python)
+
+
+def _variant_paths(bundles: Sequence[Path]) -> list[Path]:
+    """The converted ``variant<i>.tflite`` of each bundle, renamed so a timing report names it."""
+    from device_bench.export import load_manifest
+
     paths = []
     for i, b in enumerate(bundles):
         (model,) = load_manifest(b).models

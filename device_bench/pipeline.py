@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from device_bench.export import ExportResult, export_tflite, nhwc
+from device_bench.export import ExportResult, load_manifest, nhwc, run_tf_side, write_bundle
 from device_bench.runners import BenchReport, BenchSettings, LocalRunner, Runner
 from lit_nas.early_exit import early_exit
 from lit_nas.nets.base import MultiExitNet
@@ -252,9 +252,13 @@ def time_full_models(
         Mean latency in ms by ``(name, "fp32" | "int8")``, and the runner's report.
     """
     out_dir = Path(out_dir)
+    bundles = {
+        name: write_bundle(net, out_dir / name, calibration, per_exit=False) for name, net in nets.items()
+    }
+    run_tf_side(list(bundles.values()))  # one TensorFlow start-up for all of them
     paths = {}
-    for name, net in nets.items():
-        result = export_tflite(net, out_dir / name, calibration, per_exit=False).by_name()
+    for name, bundle in bundles.items():
+        result = load_manifest(bundle).by_name()
         for precision in ("fp32", "int8"):
             target = out_dir / f"{name}_{precision}.tflite"
             Path(result[f"full_{precision}"].path).rename(target)

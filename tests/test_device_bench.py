@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +16,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import DeviceBench
-from device_bench.export import ExportError, export_tflite, find_export_python, nhwc, torch_outputs
+from device_bench.export import (
+    ExportError,
+    export_tflite,
+    find_export_python,
+    load_manifest,
+    nhwc,
+    run_tf_side,
+    torch_outputs,
+    write_bundle,
+)
 from device_bench.pipeline import expected_latency
 from device_bench.runners import BenchSettings, DeviceError, LocalRunner, SSHRunner, make_runner
 from lit_nas import DataShape, MultiExitModule, NetConfig, build_net
@@ -60,81 +70,42 @@ def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return net.eval()
 
 
-def check_parity(net, tmp_path, shape: DataShape, precisions=("fp32",)):
-    """Export ``net``, run every model on the host's tflite-runtime, compare with PyTorch per exit."""
-    torch.manual_seed(1)
-    x = torch.randn(8, shape.in_channels, shape.input_size, shape.input_size)
-    calib = torch.randn(16, shape.in_channels, shape.input_size, shape.input_size)
-    result = export_tflite(net, tmp_path / "export", calib, precisions)
-    ref = torch_outputs(net, x)
-    outs = LocalRunner().run([m.path for m in result.models], BenchSettings(passes=0), inputs=nhwc(x)).outputs
-    exits = [f"exit{b}" for b in net.spec.exit_blocks()]
-    for m in result.models:
-        assert list(m.outputs) == (exits if m.model == "full" else [m.model])
-        for name in m.outputs:
-            got = outs[m.name][name]
-            if m.precision == "fp32":
-                assert np.abs(got - ref[name]).max() <= 1e-4, (m.name, name)
-    return result, outs, ref
+@dataclass
+class Case:
+    """A network to export and compare: its input shape, precisions and whether each exit is a model too."""
+
+    net: torch.nn.Module
+    shape: DataShape
+    precisions: tuple[str, ...] = ("fp32",)
+    per_exit: bool = False
 
 
-@needs_tf
-@needs_tflite
-def test_plain_resnet_with_projections_and_odd_stride_two_inputs_matches_pytorch(tmp_path):
+def _plain_resnet() -> Case:
     # 30 -> 15 -> 8: stride 2 on an even and on an odd map (TF "same" would pad differently on the even one)
     shape = DataShape(3, 30, 10)
     net = randomize(build_net(NetConfig(**TINY).build_spec(shape)))
-    assert any(c.projection and c.stride == 2 for c in net.spec.cells)
-    result, outs, ref = check_parity(net, tmp_path, shape, precisions=("fp32", "int8"))
-    # one model per exit and the full model, in both precisions
-    assert {m.name for m in result.models} == {
-        f"{n}_{p}" for n in ["exit0", "exit1", "exit2", "exit3", "full"] for p in ("fp32", "int8")
-    }
-    for name in ref:  # int8 is close to float on these random weights, not equal
-        agree = (outs[f"{name}_int8"][name].argmax(1) == ref[name].argmax(1)).mean()
-        assert agree >= 0.5, name
+    return Case(net, shape, ("fp32", "int8"), per_exit=True)
 
 
-@needs_tf
-@needs_tflite
-def test_wide_resnet_with_squeeze_excitation_matches_pytorch(tmp_path):
+def _wide_resnet_se() -> Case:
     shape = DataShape(1, 28, 10)
     spec = NetConfig(
         kind="wide_resnet", depth=10, widen_factor=1, se_reduction=4, exit_depths=[1.0]
     ).build_spec(shape)
-    assert all(c.se for c in spec.cells)
-    check_parity(randomize(build_net(spec)), tmp_path, shape)
+    return Case(randomize(build_net(spec)), shape)
 
 
-@needs_tf
-@needs_tflite
-@pytest.mark.parametrize(
-    ("kind", "shape"),
-    [
-        ("mobilenet_v1", DataShape(1, 28, 10)),  # no shortcuts; Fashion-MNIST's shape
-        ("mobilenet_v2", DataShape(3, 32, 10)),  # CIFAR-10's shape
-        ("mnasnet", DataShape(3, 30, 10)),  # 5x5 depthwise kernels at stride 2 on an even map
-    ],
-)
-def test_mobile_families_with_exits_se_and_dropout_match_pytorch(kind, shape, tmp_path):
-    spec = NetConfig(
-        kind=kind, blocks=6, width=8, se_reduction=2, dropout=0.2, exit_depths=[0.5, 1.0]
-    ).build_spec(shape)
-    net = randomize(build_net(spec))
-    # int8 for one family (the conversions are the slow part); fp32 parity per exit for all three
-    precisions = ("fp32", "int8") if kind == "mobilenet_v2" else ("fp32",)
-    result, outs, ref = check_parity(net, tmp_path, shape, precisions=precisions)
-    assert {m.name for m in result.models} == {
-        f"{n}_{p}" for n in ("exit0", "exit1", "full") for p in precisions
-    }
-    for name in ref if "int8" in precisions else ():  # int8 is close to float on random weights, not equal
-        agree = (outs[f"{name}_int8"][name].argmax(1) == ref[name].argmax(1)).mean()
-        assert agree >= 0.5, name
+def _mobile(kind: str, shape: DataShape, precisions: tuple[str, ...] = ("fp32",)):
+    def make() -> Case:
+        spec = NetConfig(
+            kind=kind, blocks=6, width=8, se_reduction=2, dropout=0.2, exit_depths=[0.5, 1.0]
+        ).build_spec(shape)
+        return Case(randomize(build_net(spec)), shape, precisions)
+
+    return make
 
 
-@needs_tf
-@needs_tflite
-def test_grown_pruned_collected_dense_net_matches_pytorch(tmp_path):
+def _grown_pruned_collected_dense() -> Case:
     shape = DataShape(3, 16, 10)
     spec = NetConfig(**TINY, dense=True).build_spec(shape).with_active_blocks(3)  # grown to 3 of 4 blocks
     net = randomize(build_net(spec))
@@ -148,7 +119,98 @@ def test_grown_pruned_collected_dense_net_matches_pytorch(tmp_path):
             gate[: max(1, len(gate) // 3)] = 0.0  # a third of every group gated off
     collect_gated(net)
     assert net.spec.stem_width < spec.stem_width and net.spec.active_blocks == 3
-    result, _, _ = check_parity(randomize(net, seed=5), tmp_path, shape)
+    return Case(randomize(net, seed=5), shape, per_exit=True)
+
+
+#: every parity network; all are converted in one TensorFlow process (its start-up is the slow part)
+CASES = {
+    "plain_resnet": _plain_resnet,
+    "wide_resnet_se": _wide_resnet_se,
+    "mobilenet_v1": _mobile("mobilenet_v1", DataShape(1, 28, 10)),  # no shortcuts; Fashion-MNIST's shape
+    "mobilenet_v2": _mobile("mobilenet_v2", DataShape(3, 32, 10), ("fp32", "int8")),  # CIFAR-10's shape
+    "mnasnet": _mobile("mnasnet", DataShape(3, 30, 10)),  # 5x5 depthwise kernels at stride 2 on an even map
+    "dense": _grown_pruned_collected_dense,
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``name -> (case, export result, inputs)`` of every case in :data:`CASES`, converted at once."""
+    root = tmp_path_factory.mktemp("parity")
+    cases, inputs, bundles = {}, {}, []
+    for name, make in CASES.items():
+        case = cases[name] = make()
+        torch.manual_seed(1)
+        c, size = case.shape.in_channels, case.shape.input_size
+        inputs[name] = torch.randn(8, c, size, size)
+        calib = torch.randn(16, c, size, size)
+        bundles.append(write_bundle(case.net, root / name, calib, case.precisions, case.per_exit))
+    run_tf_side(bundles)
+    return {name: (cases[name], load_manifest(root / name), inputs[name]) for name in CASES}
+
+
+def check_parity(exported, name: str):
+    """Run every model of ``name`` on the host's tflite-runtime and compare with PyTorch per exit."""
+    case, result, x = exported[name]
+    ref = torch_outputs(case.net, x)
+    outs = LocalRunner().run([m.path for m in result.models], BenchSettings(passes=0), inputs=nhwc(x)).outputs
+    exits = [f"exit{b}" for b in case.net.spec.exit_blocks()]
+    for m in result.models:
+        assert list(m.outputs) == (exits if m.model == "full" else [m.model])
+        for out in m.outputs:
+            got = outs[m.name][out]
+            if m.precision == "fp32":
+                assert np.abs(got - ref[out]).max() <= 1e-4, (name, m.name, out)
+    return result, outs, ref
+
+
+def int8_agrees(outs, ref, model: str | None = None) -> None:
+    """int8 is close to float on random weights, not equal: most predictions of every exit agree.
+
+    ``model``: the int8 model holding every exit (``full``); ``None``: each exit's own model.
+    """
+    for name in ref:
+        agree = (outs[f"{model or name}_int8"][name].argmax(1) == ref[name].argmax(1)).mean()
+        assert agree >= 0.5, name
+
+
+@needs_tf
+@needs_tflite
+def test_plain_resnet_with_projections_and_odd_stride_two_inputs_matches_pytorch(exported):
+    case = exported["plain_resnet"][0]
+    assert any(c.projection and c.stride == 2 for c in case.net.spec.cells)
+    result, outs, ref = check_parity(exported, "plain_resnet")
+    # one model per exit and the full model, in both precisions
+    assert {m.name for m in result.models} == {
+        f"{n}_{p}" for n in ["exit0", "exit1", "exit2", "exit3", "full"] for p in ("fp32", "int8")
+    }
+    int8_agrees(outs, ref)
+
+
+@needs_tf
+@needs_tflite
+def test_wide_resnet_with_squeeze_excitation_matches_pytorch(exported):
+    assert all(c.se for c in exported["wide_resnet_se"][0].net.spec.cells)
+    check_parity(exported, "wide_resnet_se")
+
+
+@needs_tf
+@needs_tflite
+@pytest.mark.parametrize("kind", ["mobilenet_v1", "mobilenet_v2", "mnasnet"])
+def test_mobile_families_with_exits_se_and_dropout_match_pytorch(kind, exported):
+    # the full model carries every exit; int8 for one family (the conversions are the slow part)
+    result, outs, ref = check_parity(exported, kind)
+    precisions = exported[kind][0].precisions
+    assert {m.name for m in result.models} == {f"full_{p}" for p in precisions}
+    assert set(ref) == {"exit0", "exit1"}
+    if "int8" in precisions:
+        int8_agrees(outs, ref, "full")
+
+
+@needs_tf
+@needs_tflite
+def test_grown_pruned_collected_dense_net_matches_pytorch(exported):
+    result, _, _ = check_parity(exported, "dense")
     assert {m.model for m in result.models} == {"exit0", "exit1", "exit2", "full"}  # only active exits
 
 

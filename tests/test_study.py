@@ -216,12 +216,12 @@ def test_pareto_front_keeps_only_undominated_points():
 
 # -- running ---------------------------------------------------------------------------------------------
 def test_a_tiny_study_runs_on_the_local_engine_and_its_report_is_the_trials_figures(tmp_path):
-    spec = tiny_spec(tmp_path, search_cost={"seeds": [0]})
+    spec = tiny_spec(tmp_path, grid={"fisher.target_fraction": [0.7]}, search_cost={"seeds": [0]})
     lines: list[str] = []
     study = run_study(spec, jobs=2, out=lines.append, **roots(tmp_path))
     records = {r["id"]: r for r in study.records()}
-    assert len(records) == 8 and all(r["status"] == "done" for r in records.values())
-    assert lines[-1].startswith("[tiny] done 8 / running 0 / left 0 (failed 0)")
+    assert len(records) == 5 and all(r["status"] == "done" for r in records.values())
+    assert lines[-1].startswith("[tiny] done 5 / running 0 / left 0 (failed 0)")
     assert any("ETA 00:" in ln for ln in lines)
     # records hold the trials' own summaries, and each trial ran with its seed and point
     for t in spec.trials():
@@ -237,19 +237,19 @@ def test_a_tiny_study_runs_on_the_local_engine_and_its_report_is_the_trials_figu
     points, failed = collect(study)
     assert not failed and all(p.n == 2 for p in points if p.family != "found")
     md = (tmp_path / "report" / "tiny.md").read_text()
-    assert len(re.findall(r"\| \d+\.\d\dx; \d+\.\d\dx \|", md)) == 2  # search cost, wall; CPU
+    assert len(re.findall(r"\| \d+\.\d\dx; \d+\.\d\dx \|", md)) == 1  # search cost, wall; CPU
 
 
 def test_a_tiny_study_runs_on_ray(tmp_path):
     ray = pytest.importorskip("ray")
-    spec = tiny_spec(tmp_path, resources={"cpus": 1})
+    spec = tiny_spec(tmp_path, grid={"fisher.target_fraction": [0.7]}, baselines={}, resources={"cpus": 1})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         study = run_study(spec, engine="ray", out=lambda _: None, **roots(tmp_path))
     finally:
         ray.shutdown()
     records = study.records()
-    assert len(records) == 6 and all(r["status"] == "done" for r in records)
+    assert len(records) == 2 and all(r["status"] == "done" for r in records)
     check_report_matches(study, tmp_path)
 
 
@@ -302,6 +302,36 @@ def test_a_study_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_pa
     assert any(log.count("\n$ ") == 2 for log in logs)
     assert "done 3 / running 0 / left 0 (failed 0)" in rerun.stdout
     assert f"done {len(done_before)} / running 0" in rerun.stdout  # it knew what was done
+
+
+def test_the_report_takes_the_latency_of_a_retimed_run_for_the_trials_it_names(tmp_path):
+    spec = tiny_spec(tmp_path, grid={"fisher.target_fraction": [0.7]}, baselines={})
+    study = Study(spec, tmp_path / "results", tmp_path / "runs")
+    device = {"exits": {"fp32": {"3": {"latency_ms": 9.0}}}}  # measured under load
+    for t, acc in zip(spec.trials(), (0.8, 0.9), strict=True):
+        summary = {"test_acc": {"3": acc}, "mflops": {"3": 2.0}, "params": 10, "device": device}
+        summary["wall_s"] = {"fit": 1.0}
+        study.save(
+            t,
+            {
+                "id": t.id,
+                "family": t.family,
+                "point": t.point,
+                "seed": t.seed,
+                "status": "done",
+                "summary": summary,
+            },
+        )
+    (points,), _ = collect(study)
+    assert points.costs["latency_ms"] == [9.0, 9.0]  # no retimed.json: DeviceBench's figures
+    first, second = spec.trials()
+    again = {"runner": "local", "settings": "5 runs x 1 passes", "machine": "x86_64"}
+    again["trials"] = {first.id: {"fp32": 1.0, "int8": 2.0}, second.id: {"fp32": 3.0, "int8": 4.0}}
+    (study.results.parent / "retimed.json").write_text(json.dumps(again))
+    (points,), _ = collect(study)
+    assert points.costs["latency_ms"] == [1.0, 3.0] and points.mean("latency_ms") == 2.0
+    md = (write_report(spec, study, tmp_path / "report")[1]).read_text()
+    assert "2 trials' networks retimed in one shuffled run" in md and "| 2.000 ± 1.414 |" in md
 
 
 def test_costs_cover_the_summary_fields():

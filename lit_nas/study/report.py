@@ -15,6 +15,10 @@ regenerate it from the committed ``studies/results/NAME/trials``:
   wall time and in CPU time.
 - ``NAME_<cost>.png``: accuracy vs parameters, MFLOPs and (when measured) latency, searched series against
   the baseline families, error bars of one standard deviation on both axes, the Pareto front ringed.
+
+Latency measured while other trials train is noisy. ``benchmarks/retime_study.py`` times every trial's
+network again in one quiet, shuffled run and writes ``studies/results/NAME/retimed.json``; when that file
+exists, its fp32 figures are the latency of the trials it names (the table says so).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def _mflops(s: dict[str, Any]) -> float | None:
 
 
 def _latency(s: dict[str, Any]) -> float | None:
+    if s.get("retimed_ms") is not None:  # from retimed.json: all networks timed in one run
+        return s["retimed_ms"]
     device = s.get("device") or {}
     exits = device.get("exits") or {}
     precision = "fp32" if "fp32" in exits else next(iter(exits), None)
@@ -99,15 +105,27 @@ class PointStats:
         return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
+RETIMED = "retimed.json"
+
+
+def retimed(study: Study) -> dict[str, Any] | None:
+    """``studies/results/NAME/retimed.json`` (``benchmarks/retime_study.py``), or ``None`` without one."""
+    path = study.results.parent / RETIMED
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def collect(study: Study) -> tuple[list[PointStats], list[dict[str, Any]]]:
     """Group the done trials into points (in spec order); the failed records."""
     stats: dict[str, PointStats] = {}
     failed = []
+    again = (retimed(study) or {}).get("trials", {})
     for rec in study.records():
         if rec.get("status") != "done":
             failed.append(rec)
             continue
         s = rec["summary"]
+        if rec["id"] in again:
+            s = {**s, "retimed_ms": again[rec["id"]]["fp32"]}
         key = f"{rec['family']}/{point_id(rec['point'])}"
         p = stats.setdefault(key, PointStats(rec["family"], rec["point"]))
         p.seeds.append(int(rec["seed"]))
@@ -238,11 +256,19 @@ def table_rows(spec: StudySpec, points: list[PointStats]) -> list[dict[str, Any]
     return rows
 
 
-def markdown(spec: StudySpec, rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
-    """The report's markdown: the points table, the comparison at equal cost, the search cost, failures."""
+def markdown(
+    spec: StudySpec, rows: list[dict[str, Any]], failed: list[dict[str, Any]], note: str | None = None
+) -> str:
+    """The report's markdown: the points table, the comparison at equal cost, the search cost, failures.
+
+    ``note``: a line under the title (how the latency was measured).
+    """
     measured = [c for c in COSTS if any(not math.isnan(r[f"{c}_mean"]) for r in rows)]
     head = ["family", "point", "n", "test acc (%)", "params (k)", "MFLOPs", "latency (ms)", "train loop (s)"]
-    lines = [f"### {spec.name}: mean ± std over seeds", "", "| " + " | ".join(head) + " |"]
+    lines = [f"### {spec.name}: mean ± std over seeds", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| " + " | ".join(head) + " |"]
     lines.append("|" + "---|" * len(head))
     for r in rows:
         lines.append(
@@ -368,7 +394,14 @@ def write_report(spec: StudySpec, study: Study, out: Path, wandb: bool = False) 
         writer.writeheader()
         writer.writerows(rows)
     written.append(csv_path)
-    md = markdown(spec, rows, failed)
+    again = retimed(study)
+    note = None
+    if again is not None:
+        note = (
+            f"Latency: {len(again['trials'])} trials' networks retimed in one shuffled run ({RETIMED}: "
+            f"{again['runner']}, {again['settings']}, fp32 full model, batch 1, on {again['machine']})."
+        )
+    md = markdown(spec, rows, failed, note)
     md_path = out / f"{spec.name}.md"
     md_path.write_text(md)
     written.append(md_path)
