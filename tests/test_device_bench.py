@@ -122,8 +122,16 @@ def _grown_pruned_collected_dense() -> Case:
     return Case(randomize(net, seed=5), shape, per_exit=True)
 
 
-#: every parity network; all are converted in one TensorFlow process (its start-up is the slow part)
+def _tiny() -> Case:
+    shape = DataShape(1, 12, 10)
+    spec = NetConfig(stage_widths=[4, 8], cells_per_stage=[1, 1], exit_depths=[0.5, 1.0]).build_spec(shape)
+    return Case(randomize(build_net(spec)), shape, ("fp32", "int8"), per_exit=True)
+
+
+#: every parity network (and the runners' tiny one); all are converted in one TensorFlow process (its start-up
+#: is the slow part)
 CASES = {
+    "tiny": _tiny,
     "plain_resnet": _plain_resnet,
     "wide_resnet_se": _wide_resnet_se,
     "mobilenet_v1": _mobile("mobilenet_v1", DataShape(1, 28, 10)),  # no shortcuts; Fashion-MNIST's shape
@@ -226,20 +234,13 @@ def test_export_refuses_bad_precisions_and_int8_without_calibration(tmp_path):
 
 # -- runners --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
+def tiny_models(request):
+    """A two-exit net and its models (each exit and full, fp32 and int8), from the one parity export."""
     if find_export_python() is None or not _has_tflite_runtime():
         pytest.skip("needs the TensorFlow environment and tflite-runtime")
-    shape = DataShape(1, 12, 10)
-    net = randomize(
-        build_net(
-            NetConfig(stage_widths=[4, 8], cells_per_stage=[1, 1], exit_depths=[0.5, 1.0]).build_spec(shape)
-        )
-    )
-    d = tmp_path_factory.mktemp("models")
-    calib = torch.randn(8, 1, 12, 12)
-    result = export_tflite(net, d, calib)
-    x = torch.randn(5, 1, 12, 12)
-    return net, result, x
+    case, result, _ = request.getfixturevalue("exported")["tiny"]
+    x = torch.randn(5, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    return case.net, result, x
 
 
 def test_local_runner_follows_the_protocol_and_keeps_hostile_names(tiny_models, tmp_path, monkeypatch):

@@ -270,7 +270,7 @@ def test_a_failing_trial_is_recorded_and_the_others_go_on(tmp_path):
 
 def test_a_study_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path):
     spec_path = write_spec(
-        tmp_path, grid={"fisher.target_fraction": [0.7, 0.8, 0.9]}, seeds=[0], name="killed"
+        tmp_path, grid={"fisher.target_fraction": [0.7, 0.9]}, seeds=[0], name="killed"
     )
     spec = StudySpec.load(spec_path)
     cmd = [sys.executable, "-m", "lit_nas.study", "run", str(spec_path)]
@@ -287,11 +287,11 @@ def test_a_study_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_pa
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its running trial, at once
     proc.wait()
     done_before = {p: p.read_text() for p in study.results.rglob("*.json")}
-    assert 1 <= len(done_before) < 3
+    assert len(done_before) == 1  # the second trial was running when it was killed
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     records = {r["id"]: r for r in study.records()}
-    assert len(records) == 3 and all(r["status"] == "done" for r in records.values())
+    assert len(records) == 2 and all(r["status"] == "done" for r in records.values())
     for path, text in done_before.items():
         assert path.read_text() == text  # finished trials were not redone
         trial_log = study.runs / json.loads(text)["id"] / "train.log"
@@ -300,7 +300,7 @@ def test_a_study_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_pa
     redone = [i for i in records if study.results / f"{i}.json" not in done_before]
     logs = [(study.runs / i / "train.log").read_text() for i in redone]
     assert any(log.count("\n$ ") == 2 for log in logs)
-    assert "done 3 / running 0 / left 0 (failed 0)" in rerun.stdout
+    assert "done 2 / running 0 / left 0 (failed 0)" in rerun.stdout
     assert f"done {len(done_before)} / running 0" in rerun.stdout  # it knew what was done
 
 
