@@ -269,9 +269,7 @@ def test_a_failing_trial_is_recorded_and_the_others_go_on(tmp_path):
 
 
 def test_a_study_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path):
-    spec_path = write_spec(
-        tmp_path, grid={"fisher.target_fraction": [0.7, 0.9]}, seeds=[0], name="killed"
-    )
+    spec_path = write_spec(tmp_path, grid={"fisher.target_fraction": [0.7, 0.9]}, seeds=[0], name="killed")
     spec = StudySpec.load(spec_path)
     cmd = [sys.executable, "-m", "lit_nas.study", "run", str(spec_path)]
     cmd += ["--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
