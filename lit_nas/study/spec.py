@@ -150,14 +150,11 @@ class StudySpec:
     path: Path
     config: Path
     overrides: dict[str, Any]
-    grid: dict[str, list[Any]]
+    #: the searched sub-grids ``(values of each key, overrides linked to each value)``: one for a mapping,
+    #: one per entry for a list of grids (the points are the union of their products)
+    subgrids: list[tuple[dict[str, list[Any]], dict[str, dict[Any, dict[str, Any]]]]]
     seeds: list[int]
     baselines: list[Family]
-    linked: dict[str, dict[Any, dict[str, Any]]] = field(default_factory=dict)
-    #: every sub-grid ``(grid, linked)`` when the spec's grid is a list; ``grid``/``linked`` merge them
-    subgrids: list[tuple[dict[str, list[Any]], dict[str, dict[Any, dict[str, Any]]]]] = field(
-        default_factory=list
-    )
     series: str | None = None
     search_cost_seeds: list[int] = field(default_factory=list)
     cpus: float = 1.0
@@ -184,15 +181,9 @@ class StudySpec:
             raise StudySpecError(f"study spec {path}: 'config' (the base config) is required")
         config = resolve_config(str(data["config"]))
         subgrids = _grids(data.get("grid"), path)
-        grid: dict[str, list[Any]] = {}
-        linked: dict[str, dict[Any, dict[str, Any]]] = {}
-        for sub, sub_linked in subgrids:
-            for key, values in sub.items():
-                grid.setdefault(key, []).extend(v for v in values if v not in grid.get(key, []))
-            for key, extra in sub_linked.items():
-                linked.setdefault(key, {}).update(extra)
-        for name in grid.get(CONFIG, []):
-            resolve_config(str(name))  # fails now, naming the config, not when its trial starts
+        for sub, _ in subgrids:
+            for name in sub.get(CONFIG, []):
+                resolve_config(str(name))  # fails now, naming the config, not when its trial starts
         seeds = data.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise StudySpecError(
@@ -230,8 +221,6 @@ class StudySpec:
             path=path,
             config=config,
             overrides=dict(overrides),
-            grid=grid,
-            linked=linked,
             subgrids=subgrids,
             seeds=list(seeds),
             baselines=families,
@@ -248,8 +237,6 @@ class StudySpec:
 
     def search_points(self) -> list[dict[str, Any]]:
         """The searched grid points, in grid order (sub-grid by sub-grid)."""
-        if not self.subgrids:
-            return _product(self.grid)
         out: list[dict[str, Any]] = []
         for sub, _ in self.subgrids:
             out += [p for p in _product(sub) if p not in out]
@@ -260,8 +247,8 @@ class StudySpec:
 
         A ``config`` value is not an override: it replaces the base config.
         """
-        linked = self.linked
-        for sub, sub_linked in self.subgrids:
+        linked: dict[str, dict[Any, dict[str, Any]]] = {}
+        for sub, sub_linked in self.subgrids:  # the first sub-grid holding the point
             if set(sub) == set(point) and all(point[k] in sub[k] for k in sub):
                 linked = sub_linked
                 break
