@@ -114,10 +114,13 @@ class _Builder:
             return self.inverted_cell(x, name, cell, act)
         return self.cell(x, residual, name, cell)
 
-    def dense_input(self, feats: list[Any], sizes: list[int], name: str) -> Any:
+    def dense_input(self, feats: list[Any], sizes: list[int], name: str, reads: list[int] | None) -> Any:
+        # a cell concatenates only the sources it still reads (CellSpec.reads; None: every earlier one)
         size = sizes[len(feats) - 1]
         pooled = []
         for j, f in enumerate(feats):
+            if reads is not None and j not in reads:
+                continue
             k = sizes[j] // size
             pooled.append(f if k == 1 else keras.layers.AveragePooling2D(k, name=f"{name}.pool{j}")(f))
         return (
@@ -173,7 +176,8 @@ def build_mirror(plan: dict[str, Any], weights: dict[str, np.ndarray]) -> tuple[
         for k, i in enumerate(cells):
             name = f"blocks.{b}.cells.{k}"
             prev = feats[-1]
-            x = build.dense_input(feats, sizes, name) if spec["dense"] else prev
+            reads = spec["cells"][i].get("reads")
+            x = build.dense_input(feats, sizes, name, reads) if spec["dense"] else prev
             feats.append(build.any_cell(x, prev, name, spec["cells"][i], act))
         head = plan["exits"].get(str(b))
         if head is not None:

@@ -65,6 +65,10 @@ class CellSpec:
         kernel: side of the depthwise kernel (``dwsep``, ``inverted``: 3 or 5; ``basic``: 3).
         residual: the cell has a shortcut; MobileNetV1's cells and MobileNetV2's strided or widening ones
             have none (``basic`` cells always have one).
+        reads: the features the cell's first conv reads in a dense network (0: the stem, ``j``: the output
+            of cell ``j - 1``), increasing; ``None`` reads every earlier feature. Edge surgery
+            (:func:`lit_nas.surgery.remove_edges`) drops the sources whose edge was pruned. Plain networks
+            leave it ``None`` (a cell reads the previous feature).
     """
 
     mid: int
@@ -75,6 +79,7 @@ class CellSpec:
     op: str = "basic"
     kernel: int = 3
     residual: bool = True
+    reads: list[int] | None = None
 
 
 @dataclass
@@ -161,12 +166,23 @@ class ArchSpec:
             sizes.append(_strided(sizes[-1], c.stride))
         return sizes
 
-    def cell_input_widths(self) -> list[int]:
-        """Input channels of each cell's first conv (the dense variant reads every earlier feature)."""
-        widths = self.feature_widths()
+    def cell_reads(self, cell: int) -> list[int]:
+        """Features read by ``cell``'s first conv: the previous one (plain), its live sources (dense)."""
         if not self.dense:
-            return widths[:-1]
-        return [sum(widths[: i + 1]) for i in range(self.num_cells)]
+            return [cell]
+        reads = self.cells[cell].reads
+        return list(range(cell + 1)) if reads is None else list(reads)
+
+    def cell_input_widths(self) -> list[int]:
+        """Input channels of each cell's first conv (the dense variant reads its live earlier features)."""
+        widths = self.feature_widths()
+        return [sum(widths[j] for j in self.cell_reads(i)) for i in range(self.num_cells)]
+
+    def removed_edges(self) -> list[tuple[int, int]]:
+        """``(source feature, target cell)`` edges of the dense concatenation removed by edge surgery."""
+        if not self.dense:
+            return []
+        return [(j, i) for i in range(self.num_cells) for j in range(i + 1) if j not in self.cell_reads(i)]
 
     def exit_blocks(self, active_only: bool = True) -> list[int]:
         """Blocks whose exit produces logits; with ``active_only`` only those currently computed."""
@@ -195,6 +211,7 @@ class ArchSpec:
         size = self.input_size
         for i, c in enumerate(self.cells):
             _check_cell(i, c, prev)
+            _check_reads(i, c, self.dense)
             size = _strided(size, c.stride)
             prev = c.out
         if size < 1:
@@ -310,6 +327,28 @@ def _check_cell(i: int, c: CellSpec, prev: int) -> None:
         raise ValueError(
             f"cell {i}: an identity shortcut needs stride 1 and out == input width ({prev}); got "
             f"stride={c.stride}, out={c.out}; set projection: true (basic) or residual: false"
+        )
+
+
+def _check_reads(i: int, c: CellSpec, dense: bool) -> None:
+    """Raise ``ValueError`` unless cell ``i``'s ``reads`` is ``None`` or live sources of a dense cell."""
+    if c.reads is None:
+        return
+    if not dense:
+        raise ValueError(
+            f"cell {i}: reads {c.reads} needs dense: true (a plain cell reads the previous feature)"
+        )
+    reads = list(c.reads)
+    if (
+        not reads
+        or any(isinstance(j, bool) or not isinstance(j, int) for j in reads)
+        or reads != sorted(set(reads))
+        or reads[0] < 0
+        or reads[-1] > i
+    ):
+        raise ValueError(
+            f"cell {i}: reads must be increasing features in 0..{i} (0: the stem, j: cell j-1's output), "
+            f"at least one; got {c.reads}"
         )
 
 

@@ -204,8 +204,8 @@ def connectivity_map(net: MultiExitNet, masks: Mapping[str, Tensor], prefix: str
     """Read the (source feature -> target cell) connectivity from the masks of the cells' first convs.
 
     Shortcuts are not part of the map: an identity shortcut has no weights and a projection is its own 1x1
-    layer, so a dead edge means the cell no longer reads that feature through its first convolution. An
-    unmasked first conv counts as fully kept.
+    layer, so a dead edge means the cell no longer reads that feature through its first convolution (all
+    its weights masked, or the edge removed from the ArchSpec). An unmasked first conv counts as fully kept.
 
     Args:
         net: the network (its ``dense_sources`` say which input slice comes from which feature).
@@ -218,6 +218,8 @@ def connectivity_map(net: MultiExitNet, masks: Mapping[str, Tensor], prefix: str
     sources = ["stem"] + [f"cell{j}" for j in range(spec.num_cells - 1)]
     kept = torch.full((spec.num_cells, len(sources)), float("nan"))
     for i in range(spec.num_cells):
+        if spec.dense:  # an edge removed by surgery (lit_nas.surgery.remove_edges) is dead
+            kept[i, : i + 1] = 0.0
         mask = masks.get(f"{prefix}{net.cell_input_layer(i)}.weight")
         for src in net.dense_sources(i):
             if mask is None:

@@ -22,7 +22,16 @@ from lit_nas.cost import CostReport, count_costs
 from lit_nas.gates import fold_gates, gated_groups
 from lit_nas.nets.base import ChannelGroup, ChannelSlice, MultiExitNet
 
-__all__ = ["collect_gated", "collected_costs", "fold_gates", "kept_indices", "remove_channels"]
+__all__ = [
+    "collect_gated",
+    "collected_costs",
+    "dead_edges",
+    "edge_removed_spec",
+    "fold_gates",
+    "kept_indices",
+    "remove_channels",
+    "remove_edges",
+]
 
 
 def kept_indices(total: int, slices: Iterable[ChannelSlice], group_size: int, keep: Tensor) -> Tensor:
@@ -127,6 +136,91 @@ def remove_channels(
         _slice_param(gate, 0, keep, optimizers)
     net.spec = new_spec
     return new_spec
+
+
+def edge_removed_spec(spec: ArchSpec, edges: Iterable[tuple[int, int]]) -> ArchSpec:
+    """The ArchSpec once the dense edges ``(source feature, target cell)`` are removed (validated).
+
+    Raises:
+        ValueError: the network is not dense, an edge is not live, or a cell would read nothing.
+    """
+    if not spec.dense:
+        raise ValueError("edges can only be removed from a dense network (dense: true)")
+    new = ArchSpec.from_dict(spec.to_dict())
+    drop: dict[int, set[int]] = {}
+    for j, i in edges:
+        if not 0 <= i < spec.num_cells or j not in spec.cell_reads(i):
+            live = [(s, t) for t in range(spec.num_cells) for s in spec.cell_reads(t)]
+            raise ValueError(
+                f"edge ({j}, {i}) is not a live (source feature, target cell) edge; live: {live}"
+            )
+        drop.setdefault(i, set()).add(j)
+    for i, js in drop.items():
+        reads = [j for j in spec.cell_reads(i) if j not in js]
+        if not reads:
+            raise ValueError(f"cell {i} would read no feature: keep at least one of {spec.cell_reads(i)}")
+        new.cells[i].reads = reads
+    new.validate()
+    return new
+
+
+def remove_edges(
+    net: MultiExitNet,
+    edges: Iterable[tuple[int, int]],
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+) -> ArchSpec:
+    """Remove dense edges ``(source feature, target cell)``: the input slices of the cells' first convs.
+
+    The first conv's weight loses the input channels reading each removed source (with its weight mask and
+    per-element optimizer state), and the ArchSpec records the sources each cell still reads
+    (``CellSpec.reads``), so the network computes exactly what it did when the removed slices' weights were
+    zero, and checkpoints, FLOPs, look-up tables and the export rebuild it from data.
+
+    Args:
+        net: a dense network; sliced in place and given the new ArchSpec (``net.spec``).
+        edges: ``(j, i)``: cell ``i`` stops reading feature ``j`` (0: the stem, ``j``: cell ``j - 1``'s
+            output).
+        optimizers: optimizers whose per-parameter state is sliced with the weights.
+
+    Returns:
+        The new ArchSpec (also set on ``net``); a module should record it with ``set_arch_spec``.
+    """
+    edges = list(edges)
+    new_spec = edge_removed_spec(net.spec, edges)  # validates before anything is touched
+    optimizers = list(optimizers)
+    modules = dict(net.named_modules())
+    for i in sorted({i for _, i in edges}):
+        dropped = {j for j, t in edges if t == i}
+        m = modules[net.cell_input_layer(i)]
+        keep = [
+            k
+            for src in net.dense_sources(i)
+            if src.feature not in dropped
+            for k in range(src.start, src.stop)
+        ]
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        _slice_param(m.weight, 1, idx, optimizers)
+        mask = getattr(m, "weight_mask", None)
+        if mask is not None:
+            m.weight_mask = mask.index_select(1, idx.to(mask.device)).contiguous()
+        _resize(m, 1, idx.numel())
+    net.spec = new_spec
+    return new_spec
+
+
+def dead_edges(net: MultiExitNet, masks: dict[str, Tensor], prefix: str = "") -> list[tuple[int, int]]:
+    """Live edges ``(source feature, target cell)`` whose first-conv input slice is entirely masked."""
+    out = []
+    for i in range(net.spec.num_cells):
+        mask = masks.get(f"{prefix}{net.cell_input_layer(i)}.weight")
+        if mask is None:
+            continue
+        sources = net.dense_sources(i)
+        dead = [src.feature for src in sources if not bool(mask[:, src.start : src.stop].any())]
+        if len(dead) == len(sources):
+            dead = dead[1:]  # a cell keeps one (silent) source: its conv needs an input
+        out += [(j, i) for j in dead]
+    return out
 
 
 def collect_gated(net: MultiExitNet, optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, int]:

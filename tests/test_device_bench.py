@@ -31,7 +31,7 @@ from device_bench.runners import BenchSettings, DeviceError, LocalRunner, SSHRun
 from lit_nas import DataShape, MultiExitModule, NetConfig, build_net
 from lit_nas.gates import attach_gates
 from lit_nas.masks import attach_masks
-from lit_nas.surgery import collect_gated
+from lit_nas.surgery import collect_gated, remove_edges
 from tests.conftest import TINY, tiny_data, tiny_trainer
 from tests.wandb_records import history
 
@@ -118,7 +118,9 @@ def _grown_pruned_collected_dense() -> Case:
         for gate in gates.values():
             gate[: max(1, len(gate) // 3)] = 0.0  # a third of every group gated off
     collect_gated(net)
+    remove_edges(net, [(0, 1), (0, 2), (1, 2)])  # cell 2 reads only cell 1's output: a single source
     assert net.spec.stem_width < spec.stem_width and net.spec.active_blocks == 3
+    assert net.spec.cell_reads(2) == [2] and net.spec.cell_reads(1) == [1]
     return Case(randomize(net, seed=5), shape, per_exit=True)
 
 
@@ -217,7 +219,7 @@ def test_mobile_families_with_exits_se_and_dropout_match_pytorch(kind, exported)
 
 @needs_tf
 @needs_tflite
-def test_grown_pruned_collected_dense_net_matches_pytorch(exported):
+def test_grown_pruned_collected_edge_removed_dense_net_matches_pytorch(exported):
     result, _, _ = check_parity(exported, "dense")
     assert {m.model for m in result.models} == {"exit0", "exit1", "exit2", "full"}  # only active exits
 

@@ -11,6 +11,7 @@ from lit_nas import DataShape, NetConfig, build_net
 from lit_nas.cost import count_costs
 from lit_nas.nets import NETWORKS
 from lit_nas.nets.base import MultiExitNet
+from lit_nas.surgery import remove_edges
 from tests.conftest import TINY
 
 #: a 4-block recipe of each registered network (WRN-16-1 with Squeeze-and-Excitation: every layer kind)
@@ -24,16 +25,27 @@ RECIPES = {
 }
 #: dense connections are defined between basic residual cells only
 DENSE_KINDS = ("resnet_sdn", "wide_resnet")
-VARIANTS = [(kind, dense) for kind in NETWORKS for dense in (False, True) if kind in DENSE_KINDS or not dense]
+#: dense ones also with edges removed by surgery (cell 2 then reads one feature, cell 3 three)
+VARIANTS = [
+    (kind, dense) for kind in NETWORKS for dense in (False, True, "edges") if kind in DENSE_KINDS or not dense
+]
+REMOVED_EDGES = [(0, 1), (0, 2), (1, 2), (2, 3)]
 
 
 def make(kind, dense, **kw):
     torch.manual_seed(0)
-    cfg = NetConfig(kind=kind, dense=dense, **{**RECIPES[kind], **kw})
-    return build_net(cfg.build_spec(DataShape(3, 16, 10)))
+    cfg = NetConfig(kind=kind, dense=bool(dense), **{**RECIPES[kind], **kw})
+    net = build_net(cfg.build_spec(DataShape(3, 16, 10)))
+    if dense == "edges":
+        remove_edges(net, REMOVED_EDGES)
+        net = build_net(net.spec)  # rebuilt from the spec alone, as a checkpoint is
+    return net
 
 
-@pytest.fixture(params=VARIANTS, ids=[f"{k}-{'dense' if d else 'plain'}" for k, d in VARIANTS])
+@pytest.fixture(
+    params=VARIANTS,
+    ids=[f"{k}-{'edges' if d == 'edges' else 'dense' if d else 'plain'}" for k, d in VARIANTS],
+)
 def net(request) -> MultiExitNet:
     return make(*request.param)
 
@@ -148,16 +160,19 @@ def test_dense_sources_partition_the_first_conv_input(net):
         assert srcs[0].start == 0 and srcs[-1].stop == first.in_channels
         assert all(a.stop == b.start for a, b in itertools.pairwise(srcs))
         if net.spec.dense:
-            assert [s.source for s in srcs] == ["stem"] + [f"cell{j}" for j in range(i)]
+            live = [j for j in range(i + 1) if (j, i) not in REMOVED_EDGES or net.spec.cells[i].reads is None]
+            assert [s.feature for s in srcs] == live == net.spec.cell_reads(i)
+            assert [s.source for s in srcs] == ["stem" if j == 0 else f"cell{j - 1}" for j in live]
         else:
             assert len(srcs) == 1
 
 
-def test_dense_input_slices_really_come_from_their_sources():
-    net = make("resnet_sdn", True)
+@pytest.mark.parametrize("dense", [True, "edges"])
+def test_dense_input_slices_really_come_from_their_sources(dense):
+    net = make("resnet_sdn", dense)
     net.eval()
     seen = {}
-    cell = net.blocks[3].cells[-1]  # the last cell reads everything
+    cell = net.blocks[3].cells[-1]  # the last cell reads everything (cell 3, minus the edge from cell 1)
     cell.conv1.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
     x = torch.randn(2, 3, 16, 16)
     feats = []

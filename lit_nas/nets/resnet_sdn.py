@@ -148,18 +148,20 @@ class ResNetSDN(MultiExitNet):
         feats = list(feats)
         if mod.stem is not None:
             feats.append(mod.stem(x))
-        for cell in mod.cells:
+        first = self.spec.cells_of_block(block).start
+        for k, cell in enumerate(mod.cells):
             prev = feats[-1]
-            inp = self._dense_input(feats) if self.spec.dense else prev
+            inp = self._dense_input(feats, self.spec.cell_reads(first + k)) if self.spec.dense else prev
             feats.append(cell(inp, prev))
         return feats
 
-    def _dense_input(self, feats: list[Tensor]) -> Tensor:
+    def _dense_input(self, feats: list[Tensor], reads: list[int]) -> Tensor:
         size = feats[-1].shape[-1]
         pooled = [
-            f if f.shape[-1] == size else nn.functional.avg_pool2d(f, f.shape[-1] // size) for f in feats
+            f if f.shape[-1] == size else nn.functional.avg_pool2d(f, f.shape[-1] // size)
+            for f in (feats[j] for j in reads)
         ]
-        return torch.cat(pooled, dim=1)
+        return torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0]
 
     # -- introspection ----------------------------------------------------------------------------------
     def _cell_name(self, cell: int) -> str:
@@ -167,11 +169,10 @@ class ResNetSDN(MultiExitNet):
         return f"blocks.{b}.cells.{cell - self.spec.cells_of_block(b).start}"
 
     def dense_sources(self, cell: int) -> list[DenseSource]:
-        """Input slices of ``cell``'s conv1: every earlier feature (dense) or the previous one (plain)."""
+        """Input slices of ``cell``'s conv1: its live earlier features (dense) or the previous one (plain)."""
         widths = self.spec.feature_widths()
-        feats = range(cell + 1) if self.spec.dense else [cell]
         out, start = [], 0
-        for j in feats:
+        for j in self.spec.cell_reads(cell):
             out.append(DenseSource("stem" if j == 0 else f"cell{j - 1}", j, start, start + widths[j]))
             start += widths[j]
         return out
