@@ -22,27 +22,41 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture, write_found
+from callbacks.luts import check_covers, load_lut
+from lit_nas.gates import attach_gates, close_channels, remove_gates
+from lit_nas.latency import LatencyLUT
 from lit_nas.masks import connectivity_map, kept_count
 from lit_nas.nets.base import ExitLogits
 from lit_nas.protocol import NASModule, nas, require_nas_module
 from lit_nas.snip import (
     KEEP_SCHEDULES,
     PruneSchedule,
+    block_units,
     keep_ratio_steps,
     keep_ratios,
+    rank_units,
     reinitialized,
+    removal_to_budget,
     snip_block_masks,
     snip_scores,
+    spec_without,
+    unit_owner,
 )
+from lit_nas.surgery import collect_gated, dead_edges, remove_edges
 from lit_nas.validation import check_choice
 
 log = logging.getLogger(__name__)
 
 MODES = ("one_shot", "iterative")
 CRITERION_LOSSES = ("sum", "final")
+GRANULARITIES = ("weight", "filter", "edge")
+STOP_AT = ("count", "latency")
+UNITS = {"weight": "weights", "filter": "channels", "edge": "edges"}
+_WHO = "SnipPruning"
 
 
 class SnipPruning(Callback):
@@ -64,6 +78,23 @@ class SnipPruning(Callback):
     step removes the same fraction of the survivors). A step scores only the survivors and never revives a
     pruned weight. Scores use the current weights (``reinit: false``, thesis section 4.2) or, as original
     SNIP, a fresh He-normal re-initialisation that is undone after scoring (``reinit: true``).
+
+    **Granularity.** ``weight`` (the thesis) masks single weights. ``filter`` ranks conv output channels,
+    each scored by the summed sensitivity of every filter producing it (:func:`lit_nas.snip.filter_scores`;
+    a residual stream's channel sums its stem, cell and projection filters), keeps ``ratio`` of the
+    block's channels (the channel groups whose first producer is in the block, at least one per group),
+    closes the others' channel gates and collects them at once (:func:`lit_nas.surgery.collect_gated`): the
+    network gets narrower. ``edge`` ranks the (source -> target cell) edges of the dense concatenation, each
+    scored by the summed sensitivity of its input slice, keeps ``ratio`` of the block's edges (at least one
+    per cell) and removes the others (:func:`lit_nas.surgery.remove_edges`): the cells read fewer features.
+    Surgery slices the optimizer state with the weights and records the new shapes in the ArchSpec, so
+    checkpoints, ``found_arch.yaml``, FLOPs, look-up tables and the export follow. At ``weight``
+    granularity, an edge whose weights are all pruned is removed too (``remove_dead_edges``).
+
+    **Budget.** ``stop_at: latency`` (``filter`` and ``edge``) reads ``keep_ratio`` as the fraction of each
+    block's latency to keep, predicted by the look-up tables ``lut`` (:meth:`LatencyLUT.block_ms
+    <lit_nas.latency.LatencyLUT.block_ms>`, measured at the block's first pruning): every step removes the
+    fewest lowest-ranked units that bring the block under its step's share of that latency.
 
     The masks are the model's (``NASModule.set_masks``): buffers in every checkpoint, applied to gradients
     and weights around each optimizer step, so pruned weights stay exactly zero through momentum, weight
@@ -91,8 +122,15 @@ class SnipPruning(Callback):
         criterion_batch_size: images per criterion batch (thesis: 128; it tried up to 896).
         criterion_batches: batches averaged per score (n batches of B score like one batch of n * B).
         reinit: score a fresh re-initialisation instead of the trained weights (original SNIP).
-        include_exits: prune the exits' linear layers too (ranked with their block).
+        include_exits: prune the exits' linear layers too (ranked with their block; ``weight`` only).
         save_found: write ``found_arch.yaml`` and ``found_masks.pt`` at fit end.
+        granularity: what is pruned: ``weight``, ``filter`` (conv output channels) or ``edge`` (edges of
+            the dense concatenation; needs ``dense: true``).
+        stop_at: ``count`` (keep ``keep_ratio`` of the block's units) or ``latency`` (keep ``keep_ratio`` of
+            the block's predicted latency; ``filter`` and ``edge`` only).
+        lut: latency look-up tables (JSON of :class:`lit_nas.latency.LatencyLUT`) for ``stop_at: latency``.
+        remove_dead_edges: at ``weight`` granularity, remove the edges whose weights are all pruned (exact:
+            the network computes the same function, faster).
     """
 
     def __init__(
@@ -109,10 +147,36 @@ class SnipPruning(Callback):
         reinit: bool = False,
         include_exits: bool = False,
         save_found: bool = True,
+        granularity: Literal["weight", "filter", "edge"] = "weight",
+        stop_at: Literal["count", "latency"] = "count",
+        lut: str | None = None,
+        remove_dead_edges: bool = True,
     ) -> None:
         super().__init__()
         self.keep_ratio = keep_ratios(keep_ratio)
-        check_choice("SnipPruning", "mode", mode, MODES)
+        check_choice(_WHO, "mode", mode, MODES)
+        check_choice(_WHO, "granularity", granularity, GRANULARITIES)
+        check_choice(_WHO, "stop_at", stop_at, STOP_AT)
+        if include_exits and granularity != "weight":
+            raise ValueError(f"{_WHO} include_exits prunes the exits' weights: it needs granularity 'weight'")
+        self.lut: LatencyLUT | None = None
+        if stop_at == "latency":
+            if granularity == "weight":
+                raise ValueError(
+                    f"{_WHO} stop_at 'latency' needs granularity 'filter' or 'edge': scattered zero weights "
+                    "do not make the exported network faster"
+                )
+            if lut is None:
+                raise ValueError(
+                    f"{_WHO} stop_at 'latency' needs lut: the path of latency look-up tables built for this "
+                    "network (python -m device_bench lut --config ... --out lut.json)"
+                )
+            self.lut = load_lut(_WHO, lut)
+        self.granularity = granularity
+        self.stop_at = stop_at
+        self.remove_dead_edges = remove_dead_edges
+        #: block -> its units (weights, channels or edges) and predicted latency at its first pruning
+        self.initial: dict[int, tuple[int, float]] = {}
         #: when blocks are pruned: steps, after_epochs, prune_epochs
         self.plan = PruneSchedule.build(mode, steps, after_epochs, prune_epochs)
         check_choice("SnipPruning", "schedule", schedule, KEEP_SCHEDULES)
@@ -136,6 +200,7 @@ class SnipPruning(Callback):
         self.history: list[tuple[int, int, int, float, int, int]] = []
         self._checked_epoch = -1
         self._restored = False
+        self._surgery = granularity != "weight" or remove_dead_edges
         self.found_paths: tuple[Path, Path | None] | None = None
         self._planned_last: int | None = None  # last pruning epoch of the planned schedule
 
@@ -185,6 +250,12 @@ class SnipPruning(Callback):
         empty = [b for b, ws in module.prunable_weights(self.include_exits).items() if not ws]
         if empty:
             raise ValueError(f"SnipPruning: blocks {empty} have no conv or linear weights to prune")
+        if self.granularity == "edge" and not module.arch_spec.dense:
+            raise ValueError(
+                f"{_WHO} granularity 'edge' prunes the edges of the dense concatenation; the "
+                f"{module.arch_spec.kind} network has dense: false (use granularity 'weight' or 'filter')"
+            )
+        check_covers(_WHO, self.lut, module.arch_spec)
         self._check_plan(trainer, n, max_epochs)
 
     def _check_plan(self, trainer: L.Trainer, num_blocks: int, max_epochs: int | None) -> None:
@@ -203,8 +274,16 @@ class SnipPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ddp = isinstance(trainer.strategy.model, DistributedDataParallel)
+        if ddp and self.granularity != "weight":
+            # DDP's gradient buckets are views of the parameters as they were when it wrapped them
+            raise ValueError(
+                f"{_WHO} granularity {self.granularity!r} changes parameter shapes, which DDP does not "
+                "support mid-run; train on one device, or use granularity 'weight'"
+            )
+        self._surgery = not ddp and (self.granularity != "weight" or self.remove_dead_edges)
         if not self._restored:  # a fresh run: forget any previous fit of this callback object
-            self.activated, self.history, self._checked_epoch = {}, [], -1
+            self.activated, self.history, self._checked_epoch, self.initial = {}, [], -1, {}
         self._update_pending(nas(pl_module))
 
     def _update_pending(self, module: NASModule) -> None:
@@ -242,33 +321,107 @@ class SnipPruning(Callback):
         return total
 
     def _prune(self, trainer: L.Trainer, module: NASModule, blocks: list[int], epoch: int) -> None:
-        scope = module.prunable_weights(self.include_exits)
-        params = {n: p for b in blocks for n, p in scope[b].items()}
+        net = module.net
+        if self.granularity == "edge":
+            params = {
+                f"net.{net.cell_input_layer(i)}.weight": None
+                for b in blocks
+                for i in net.spec.cells_of_block(b)
+            }
+            scope = {n: p for ws in module.prunable_weights().values() for n, p in ws.items() if n in params}
+        elif self.granularity == "filter":  # a stream's filters may lie in other blocks than its owner
+            scope = {n: p for ws in module.prunable_weights().values() for n, p in ws.items()}
+        else:
+            scope = {n: p for b in blocks for n, p in module.prunable_weights(self.include_exits)[b].items()}
+        scores = self._scores(trainer, module, scope, epoch)
+        ratios = self.ratios(module.arch_spec.num_blocks)
+        done = self.steps_done
+        rows = []
+        if self.granularity == "weight":
+            rows = self._prune_weights(trainer, module, blocks, scores, ratios, done, epoch)
+        else:
+            rows = self._prune_units(trainer, module, blocks, scores, ratios, done, epoch)
+        if self.granularity == "weight" and self._surgery:
+            dead = dead_edges(net, module.masks(), prefix="net.")
+            if dead:
+                module.set_arch_spec(remove_edges(net, dead, trainer.optimizers))
+        self.history.extend(rows)
+        self._update_pending(module)
+        self._report(trainer, module, rows, epoch)
+
+    def _scores(self, trainer: L.Trainer, module: NASModule, params: dict, epoch: int) -> dict[str, Tensor]:
         current = module.masks()
         data: Any = trainer.datamodule  # has criterion_batches (checked in setup)
         batches = data.criterion_batches(self.criterion_batches, self.criterion_batch_size, seed=epoch)
         device = next(iter(params.values())).device
         gen = torch.Generator(device=device).manual_seed(1_000_003 * (epoch + 1))
         with reinitialized(params, current, gen) if self.reinit else nullcontext():
-            scores = snip_scores(cast(nn.Module, module), batches, self._loss, params)
-        ratios = self.ratios(module.arch_spec.num_blocks)
-        done = self.steps_done
+            return snip_scores(cast(nn.Module, module), batches, self._loss, params)
+
+    def _target(self, ratio: float, step: int) -> float:
+        return keep_ratio_steps(ratio, self.steps, self.schedule)[step]
+
+    def _prune_weights(self, trainer, module, blocks, scores, ratios, done, epoch) -> list[tuple]:
+        scope = module.prunable_weights(self.include_exits)
+        current = module.masks()
         new: dict[str, Tensor] = {}
         rows = []
         for b in blocks:
             step = done.get(b, 0)
-            target = keep_ratio_steps(ratios[b], self.steps, self.schedule)[step]
-            total = sum(p.numel() for p in scope[b].values())
+            target = self._target(ratios[b], step)
+            total = self.initial.setdefault(b, (sum(p.numel() for p in scope[b].values()), 0.0))[0]
             block_masks = snip_block_masks({n: scores[n] for n in scope[b]}, round(target * total), current)
             new.update(block_masks)
             kept = sum(int(m.count_nonzero()) for m in block_masks.values())
             rows.append((epoch, b, step + 1, target, kept, total))
         # ranks score the same images with the same weights; rank 0's masks make sure they agree exactly
-        new = trainer.strategy.broadcast(new, src=0)
-        module.set_masks(new)
-        self.history.extend(rows)
-        self._update_pending(module)
-        self._report(trainer, module, rows, epoch)
+        module.set_masks(trainer.strategy.broadcast(new, src=0))
+        return rows
+
+    def _prune_units(self, trainer, module, blocks, scores, ratios, done, epoch) -> list[tuple]:
+        """Filters or edges: rank each block's units, remove the lowest (surgery), one row per block."""
+        net = module.net
+        units = block_units(net, self.granularity, scores, blocks, prefix="net.")
+        removed: list = []
+        rows = []
+        for b in blocks:
+            ranked = rank_units(units[b], {u: unit_owner(self.granularity, u) for u in units[b]})
+            first = self._initial_units(b, module.arch_spec, len(units[b]))
+            step = done.get(b, 0)
+            target = self._target(ratios[b], step)
+            if self.stop_at == "latency":
+                n = self._to_budget(net, removed, ranked, b, target * first[1])
+            else:
+                n = min(len(ranked), max(0, len(units[b]) - round(target * first[0])))
+            removed += ranked[:n]
+            rows.append((epoch, b, step + 1, target, len(units[b]) - n, first[0]))
+        removed = trainer.strategy.broadcast(removed, src=0)
+        if self.granularity == "filter":
+            groups = sorted({g for g, _ in removed} - set(net.spec.gated))
+            attach_gates(net, groups)
+            close_channels(net, removed)
+            collect_gated(net, trainer.optimizers)
+            remove_gates(net, groups)  # all ones once collected; the optimizer never held them
+            module.set_arch_spec(net.spec)
+        elif removed:
+            module.set_arch_spec(remove_edges(net, removed, trainer.optimizers))
+        return rows
+
+    def _to_budget(self, net: Any, removed: list, ranked: list, block: int, budget: float) -> int:
+        """Fewest of ``ranked`` to remove (after ``removed``) for the block's predicted latency <= budget."""
+        lut = cast(LatencyLUT, self.lut)
+        return removal_to_budget(
+            ranked,
+            lambda k: lut.block_ms(spec_without(net, self.granularity, removed + ranked[:k]), block),
+            budget,
+        )
+
+    def _initial_units(self, block: int, spec, units: int) -> tuple[int, float]:
+        """The block's units and predicted latency at its first pruning (what the ratios are of)."""
+        if block not in self.initial:
+            ms = self.lut.block_ms(spec, block) if self.lut is not None else 0.0
+            self.initial[block] = (units, ms)
+        return self.initial[block]
 
     # -- logs -------------------------------------------------------------------------------------------
     def _log_state(self, pl_module: L.LightningModule, module: NASModule) -> None:
@@ -298,7 +451,8 @@ class SnipPruning(Callback):
             return
         lines = [f"\nSnipPruning at epoch {epoch} ({self.mode}, reinit={self.reinit}):"]
         lines += [
-            f"  block {b}: step {s}/{self.steps}, keep {t:.3f} -> {k:,}/{n:,} weights kept"
+            f"  block {b}: step {s}/{self.steps}, keep {t:.3f}{' of its latency' if self.lut else ''} -> "
+            f"{k:,}/{n:,} {UNITS[self.granularity]} kept"
             for _, b, s, t, k, n in rows
         ]
         lines.append(f"  dead edges: {len(dead)}/{cmap.num_edges}" + (f" {dead}" if dead else ""))
@@ -345,6 +499,8 @@ class SnipPruning(Callback):
             "activated": {str(b): e for b, e in self.activated.items()},
             "history": [list(h) for h in self.history],
             "checked_epoch": self._checked_epoch,
+            "granularity": self.granularity,
+            "initial": {str(b): list(v) for b, v in self.initial.items()},
         }
 
     @override
@@ -362,4 +518,11 @@ class SnipPruning(Callback):
             (int(e), int(b), int(s), float(t), int(k), int(n)) for e, b, s, t, k, n in state_dict["history"]
         ]
         self._checked_epoch = int(state_dict["checked_epoch"])
+        saved_granularity = state_dict.get("granularity", "weight")
+        if saved_granularity != self.granularity:
+            raise ValueError(
+                f"{_WHO}: the checkpoint was pruned at granularity {saved_granularity!r}; resuming at "
+                f"{self.granularity!r} would mix units (resume with granularity: {saved_granularity})"
+            )
+        self.initial = {int(b): (int(n), float(ms)) for b, (n, ms) in state_dict.get("initial", {}).items()}
         self._restored = True

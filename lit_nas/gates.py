@@ -72,9 +72,9 @@ def close_channels(net: MultiExitNet, channels: Iterable[tuple[str, int]]) -> No
         gates[group][k] = 0.0
 
 
-def remove_gates(net: MultiExitNet) -> None:
-    """Drop every gate (after :func:`fold_gates`, or to discard them)."""
-    net.drop_gates()
+def remove_gates(net: MultiExitNet, groups: Iterable[str] | None = None) -> None:
+    """Drop the gates of ``groups`` (default: every gate), after :func:`fold_gates` or to discard them."""
+    net.drop_gates(groups)
 
 
 @torch.no_grad()

@@ -196,6 +196,13 @@ class LatencyLUT:
         """Sum of the table latencies of the layers of ``spec`` (no overhead, no calibration)."""
         return sum(self.layer_ms(layer) for layer in spec_layers(spec, exits))
 
+    def block_ms(self, spec: ArchSpec, block: int) -> float:
+        """Predicted latency of ``block``'s cells (and the stem in block 0), calibrated, without its exit."""
+        layers = [layer for i in spec.cells_of_block(block) for layer in cell_layers(spec, i)]
+        if block == 0:
+            layers.insert(0, _conv(3, 1, spec.input_size, spec.in_channels, spec.stem_width, spec.activation))
+        return self.scale * sum(self.layer_ms(layer) for layer in layers)
+
     def predict(self, spec: ArchSpec, exits: Sequence[int] | None = None) -> float:
         """Predicted latency in milliseconds of the network up to ``exits`` (default: the full model)."""
         return self.overhead_ms + self.scale * self.layers_ms(spec, exits)

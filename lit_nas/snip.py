@@ -6,12 +6,17 @@ its mask at ``c = 1``, ``|dL/dc| = |g * w|`` with ``g = dL/dw``. Ranking is loca
 (:func:`snip_block_masks`); iterative pruning reaches a block's keep ratio in steps
 (:func:`keep_ratio_steps`), each step ranking only the surviving weights, at the events of
 :class:`PruneSchedule`.
+
+Coarser units rank by the summed sensitivity of their weights: a conv output channel (:func:`filter_scores`,
+over every filter producing it) or an edge of the dense concatenation (:func:`edge_scores`, over the input
+slice of the target cell's first conv). :func:`rank_units` orders them for removal, and
+:func:`removal_to_budget` removes as few as meet a latency budget.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
@@ -19,6 +24,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from lit_nas.arch import ArchSpec
+from lit_nas.nets.base import ChannelGroup, MultiExitNet
+from lit_nas.surgery import edge_removed_spec
 
 KEEP_SCHEDULES = ("geometric", "linear")
 
@@ -284,3 +293,133 @@ def snip_block_masks(
         out[n] = keep[start : start + numel].view_as(scores[n]).to(scores[n].dtype)
         start += numel
     return out
+
+
+# -- structured granularities: filters and edges ----------------------------------------------------------
+def group_block(group: ChannelGroup) -> int:
+    """The block that owns a channel group: the block of its first producing layer (``blocks.<b>...``)."""
+    return int(group.producers[0].module.split(".")[1])
+
+
+def filter_scores(
+    scores: Mapping[str, Tensor], groups: Iterable[ChannelGroup], prefix: str = ""
+) -> dict[str, Tensor]:
+    """Sensitivity of each output channel of each group: the summed ``|g * w|`` of the filters producing it.
+
+    A channel group's channel is produced by one filter of every conv among the group's producers (a residual
+    stream's stem conv, each cell's last conv, each projection); its score sums the scores of all their
+    weights (the conv's other dimensions). Producers without a score in ``scores`` (BatchNorms, layers not
+    scored) add nothing.
+
+    Args:
+        scores: per-weight SNIP scores by parameter name (:func:`snip_scores`).
+        groups: channel groups of the network (``net.channel_groups()``).
+        prefix: prepended to the groups' module names to find them in ``scores`` (``"net."``).
+
+    Returns:
+        ``{group name: (size,) scores}``.
+    """
+    out = {}
+    for g in groups:
+        total = torch.zeros(g.size)
+        for where in g.producers:
+            s = scores.get(f"{prefix}{where.module}.weight")
+            if s is not None and where.dim == 0:
+                part = s.detach().float().flatten(1).sum(1).cpu()
+                total += part[where.start : where.start + g.size]
+        out[g.name] = total
+    return out
+
+
+def edge_scores(
+    scores: Mapping[str, Tensor], net: MultiExitNet, cells: Iterable[int], prefix: str = ""
+) -> dict[tuple[int, int], float]:
+    """Sensitivity of each live dense edge into ``cells``: the summed ``|g * w|`` of its input slice.
+
+    Returns:
+        ``{(source feature, target cell): score}``; the slice is that of ``net.dense_sources(cell)``.
+    """
+    out = {}
+    for i in cells:
+        s = scores[f"{prefix}{net.cell_input_layer(i)}.weight"].detach().float()
+        for src in net.dense_sources(i):
+            out[(src.feature, i)] = float(s[:, src.start : src.stop].sum())
+    return out
+
+
+def rank_units(scores: Mapping[Hashable, float], owner: Mapping[Hashable, Hashable]) -> list[Hashable]:
+    """Units in the order they are removed: lowest score first, each owner's best unit never.
+
+    ``owner`` maps each unit to what must keep one unit (a channel's group: no layer is left with 0
+    channels; an edge's target cell: its conv needs an input). Ties break by the units' order in
+    ``scores``, so the ranking is deterministic.
+    """
+    order = sorted(scores, key=lambda u: -scores[u])  # stable: ties keep the given order
+    best, rest = set(), []
+    for u in order:
+        if owner[u] not in best:
+            best.add(owner[u])
+        else:
+            rest.append(u)
+    return rest[::-1]
+
+
+def removal_to_budget(ranked: Sequence[Hashable], cost: Callable[[int], float], budget: float) -> int:
+    """Fewest units of ``ranked`` to remove (in order) for ``cost(k) <= budget``; all of them if none does.
+
+    ``cost(k)`` is the cost once the first ``k`` units are removed, non-increasing in ``k`` (a predicted
+    latency); found by bisection, so a look-up-table prediction runs ``log2(len(ranked))`` times.
+    """
+    lo, hi = 0, len(ranked)
+    if cost(hi) > budget:
+        return hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def block_units(
+    net: MultiExitNet,
+    granularity: str,
+    scores: Mapping[str, Tensor],
+    blocks: Iterable[int],
+    prefix: str = "",
+) -> dict[int, dict[tuple, float]]:
+    """The removable units of each block and their scores.
+
+    ``filter``: ``(group, channel)`` of the channel groups the block owns (:func:`group_block`); ``edge``:
+    ``(source feature, target cell)`` of the live edges into the block's cells.
+    """
+    blocks = list(blocks)
+    spec = net.spec
+    if granularity == "filter":
+        groups = [g for g in net.channel_groups() if group_block(g) in blocks]
+        fs = filter_scores(scores, groups, prefix)
+        out: dict[int, dict[tuple, float]] = {b: {} for b in blocks}
+        for g in groups:
+            out[group_block(g)].update({(g.name, k): float(fs[g.name][k]) for k in range(g.size)})
+        return out
+    if granularity == "edge":
+        es = edge_scores(scores, net, [i for b in blocks for i in spec.cells_of_block(b)], prefix)
+        return {b: {e: v for e, v in es.items() if spec.block_of_cell(e[1]) == b} for b in blocks}
+    raise ValueError(f"granularity must be 'filter' or 'edge' for units; got {granularity!r}")
+
+
+def unit_owner(granularity: str, unit: tuple) -> Hashable:
+    """What must keep one unit: a channel's group (``filter``), an edge's target cell (``edge``)."""
+    return unit[0] if granularity == "filter" else unit[1]
+
+
+def spec_without(net: MultiExitNet, granularity: str, removed: Iterable[tuple]) -> ArchSpec:
+    """The ArchSpec once the units ``removed`` are gone (:func:`block_units`' keys); ``net`` is untouched."""
+    if granularity == "edge":
+        return edge_removed_spec(net.spec, removed)
+    sizes = {g.name: g.size for g in net.channel_groups()}
+    cut: dict[str, int] = {}
+    for g, _ in removed:
+        cut[g] = cut.get(g, 0) + 1
+    return net.resized_spec_all({g: sizes[g] - n for g, n in cut.items()})

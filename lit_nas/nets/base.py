@@ -7,7 +7,7 @@ Inactive blocks (growing) are simply not run, so they cost nothing in forward or
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -207,12 +207,19 @@ class MultiExitNet(nn.Module):
             raise ValueError(f"channel group {group!r} has no gated normalisation layer")
         return norms
 
-    def drop_gates(self) -> None:
-        """Remove every gate (after folding them, or to discard them)."""
-        for module in self.modules():
-            module.__dict__.pop("gate", None)
-        self.gates = nn.ParameterDict()
-        self.spec.gated = {}
+    def drop_gates(self, groups: Iterable[str] | None = None) -> None:
+        """Remove the gates of ``groups`` (default: every gate), after folding them or to discard them."""
+        if groups is None:
+            for module in self.modules():
+                module.__dict__.pop("gate", None)
+            self.gates = nn.ParameterDict()
+            self.spec.gated = {}
+            return
+        for group in groups:
+            for norm in self.gated_norms(group):
+                norm.__dict__.pop("gate", None)
+            del self.gates[gate_key(group)]
+            self.spec.gated.pop(group, None)
 
     # -- computation ------------------------------------------------------------------------------------
     def run_block(self, block: int, feats: list[Tensor], x: Tensor | None = None) -> list[Tensor]:
