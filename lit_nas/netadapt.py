@@ -13,6 +13,7 @@ never written, until the winner is applied (by the caller, with :func:`lit_nas.s
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -76,13 +77,8 @@ def channels_to_cut(
         if not allow_small or most >= current:
             return None
         return Proposal(group, size - 1, most, current - most, False)
-    lo, hi = 1, size - 1  # cost_after(hi) <= target
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost_after(mid) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
+    # the fewest channels removed in 1..size-1 that meet the target (cost_after(size - 1) does)
+    hi = 1 + bisect.bisect_left(range(1, size - 1), True, key=lambda k: cost_after(k) <= target)
     cost = cost_after(hi)
     if cost > target:  # a non-monotone table: fall back to the sure answer
         hi, cost = size - 1, most

@@ -15,6 +15,7 @@ slice of the target cell's first conv). :func:`rank_units` orders them for remov
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -370,16 +371,9 @@ def removal_to_budget(ranked: Sequence[Hashable], cost: Callable[[int], float], 
     ``cost(k)`` is the cost once the first ``k`` units are removed, non-increasing in ``k`` (a predicted
     latency); found by bisection, so a look-up-table prediction runs ``log2(len(ranked))`` times.
     """
-    lo, hi = 0, len(ranked)
-    if cost(hi) > budget:
-        return hi
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost(mid) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    if cost(len(ranked)) > budget:
+        return len(ranked)
+    return bisect.bisect_left(range(len(ranked)), True, key=lambda k: cost(k) <= budget)
 
 
 def block_units(
