@@ -42,6 +42,11 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS_ROOT)
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--passes", type=int, default=3)
+    p.add_argument(
+        "--precisions",
+        default="fp32,int8",
+        help="comma-separated (default fp32,int8; fp32 alone where int8 conversion fails, e.g. dense nets)",
+    )
     args = p.parse_args()
     spec = StudySpec.load(args.spec)
     study = Study(spec, args.results)
@@ -59,16 +64,16 @@ def main() -> None:
     calib = torch.randn(64, first.in_channels, first.input_size, first.input_size)
     nets = {names[k]: build_net(a).eval() for k, a in archs.items()}
     settings = BenchSettings(runs=args.runs, passes=args.passes, warmup_s=0.5)
+    precisions = tuple(args.precisions.split(","))
     with tempfile.TemporaryDirectory(prefix="lit_nas_retime_") as tmp:
-        latency, report = time_full_models(nets, calib, tmp, settings)
+        latency, report = time_full_models(nets, calib, tmp, settings, precisions=precisions)
     machine = report.report.get("machine", "?")
     out = {
         "runner": "local runner, 1 interpreter thread",
         "settings": f"{args.runs} runs x {args.passes} passes",
         "machine": machine,
         "trials": {
-            tid: {prec: latency[(names[key], prec)] for prec in ("fp32", "int8")}
-            for tid, key in arch_of.items()
+            tid: {prec: latency[(names[key], prec)] for prec in precisions} for tid, key in arch_of.items()
         },
     }
     path = study.results.parent / RETIMED
@@ -80,8 +85,8 @@ def main() -> None:
     for rec in records:
         by_point[rec["id"].rsplit("/", 1)[0]].append(out["trials"][rec["id"]])
     for point, ms in by_point.items():
-        fp32, int8 = (_mean_sd([m[q] for m in ms]) for q in ("fp32", "int8"))
-        print(f"  {point}: fp32 {fp32} ms, int8 {int8} ms (n={len(ms)})")
+        figures = ", ".join(f"{q} {_mean_sd([m[q] for m in ms])} ms" for q in precisions)
+        print(f"  {point}: {figures} (n={len(ms)})")
     print(path)
 
 

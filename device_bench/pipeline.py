@@ -235,8 +235,9 @@ def time_full_models(
     out_dir: str | Path,
     settings: BenchSettings,
     runner: Runner | None = None,
+    precisions: tuple[str, ...] = ("fp32", "int8"),
 ) -> tuple[dict[tuple[str, str], float], BenchReport]:
-    """Export each network's full model (fp32 and int8) and time them all in one run of ``runner``.
+    """Export each network's full model (``precisions``) and time them all in one run of ``runner``.
 
     One run, in the runner's shuffled order over ``settings.passes`` passes, so the machine's drift hits all
     networks alike: the only fair way to compare them.
@@ -247,19 +248,21 @@ def time_full_models(
         out_dir: where the ``.tflite`` files are written.
         settings: timing settings.
         runner: where to time them (default: the local runner).
+        precisions: which of ``fp32`` and ``int8`` to export and time.
 
     Returns:
-        Mean latency in ms by ``(name, "fp32" | "int8")``, and the runner's report.
+        Mean latency in ms by ``(name, precision)``, and the runner's report.
     """
     out_dir = Path(out_dir)
     bundles = {
-        name: write_bundle(net, out_dir / name, calibration, per_exit=False) for name, net in nets.items()
+        name: write_bundle(net, out_dir / name, calibration, precisions, per_exit=False)
+        for name, net in nets.items()
     }
     run_tf_side(list(bundles.values()))  # one TensorFlow start-up for all of them
     paths = {}
     for name, bundle in bundles.items():
         result = load_manifest(bundle).by_name()
-        for precision in ("fp32", "int8"):
+        for precision in precisions:
             target = out_dir / f"{name}_{precision}.tflite"
             Path(result[f"full_{precision}"].path).rename(target)
             paths[(name, precision)] = target
