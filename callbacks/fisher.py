@@ -23,10 +23,10 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture
+from callbacks.distributed import all_reduce_sum, check_strategy, is_ddp
 from callbacks.luts import check_covers, load_lut
 from lit_nas.cost import CostReport, channel_flops, count_costs
 from lit_nas.fisher import FisherAccumulator, select_channels
@@ -146,8 +146,7 @@ class FisherPruning(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module = nas(pl_module)
-        if isinstance(trainer.strategy.model, DistributedDataParallel):
-            raise ValueError(f"{_WHO} accumulates its signal on one process; train on one device")
+        check_strategy(_WHO, trainer)
         groups = self.groups(module)
         gates = attach_gates(module.net, groups)  # after any checkpoint restore: the loaded gates
         trainable = [g for g, p in gates.items() if p.requires_grad]
@@ -156,7 +155,9 @@ class FisherPruning(Callback):
                 f"{_WHO}: the gates of {trainable} are trainable switches (SwitchL1?); use one "
                 "channel-pruning callback per run"
             )
-        self._acc = FisherAccumulator(module.net, groups)
+        # under DDP each step's signal is summed over the ranks: all of them hold the global batch's
+        reduce = (lambda tensors: all_reduce_sum(trainer, tensors)) if is_ddp(trainer) else None
+        self._acc = FisherAccumulator(module.net, groups, reduce=reduce)
         if self._acc_state is not None:
             self._acc.load_state_dict(self._acc_state)
         self._acc.attach()
@@ -214,6 +215,8 @@ class FisherPruning(Callback):
         elif self.cost == "latency" and self.lut is not None:
             costs = channel_latency(self.lut, self._collected(module))
         chosen = select_channels(scores, live, self.per_step, costs)
+        if is_ddp(trainer):  # equal sums on every rank; rank 0's choice makes ties agree bit for bit
+            chosen = trainer.strategy.broadcast(chosen, src=0)
         close_channels(module.net, chosen)
         self._acc.reset()
         probe = self._collected(module)  # what the network is once collected: one copy for every figure

@@ -15,10 +15,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture, write_found
+from callbacks.distributed import check_strategy, rewrap_ddp
 from lit_nas.gates import gated_groups
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, nas, require_nas_module
@@ -43,6 +43,11 @@ class GarbageCollection(Callback):
     Logs after each collection ``gc/params``, ``gc/mflops`` (the full network to its last exit) and
     ``gc/channels_removed``, prints the channels per group, and logs a bar chart of them as the W&B image
     ``gc/channels``.
+
+    Under DDP every rank holds the same gates (the pruning callbacks agree across ranks), so every rank
+    performs the same surgery; the DDP wrapper is then rebuilt over the smaller parameters
+    (:func:`callbacks.distributed.rewrap_ddp`), with the optimizer and its state kept. FSDP and DeepSpeed
+    shard the parameters and are refused at fit start.
 
     It must run after the pruning callbacks, so a step's prune is collected at the end of that same step:
     the CLI's ``gc`` key does (``callbacks.NAMED_CALLBACKS``); in a callbacks list of your own, put it last.
@@ -75,12 +80,7 @@ class GarbageCollection(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if isinstance(trainer.strategy.model, DistributedDataParallel):
-            # DDP's gradient buckets are views of the parameters as they were when it wrapped them
-            raise ValueError(
-                "GarbageCollection changes parameter shapes, which DDP does not support mid-run; train on "
-                "one device, or collect after the run (lit_nas.surgery.remove_channels)"
-            )
+        check_strategy("GarbageCollection", trainer)
 
     @override
     def on_train_batch_end(
@@ -103,6 +103,8 @@ class GarbageCollection(Callback):
             # the normal case while no gate has closed yet: say it at debug level only
             log.debug("GarbageCollection at epoch %d: no dead channel to remove", trainer.current_epoch)
             return
+        if log_metrics:  # still training: DDP's buckets were laid out for the old shapes (every rank)
+            rewrap_ddp(trainer)
         costs = module.costs()
         last = module.arch_spec.exit_blocks(active_only=False)[-1]
         total = sum(removed.values())

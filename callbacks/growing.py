@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from callbacks.distributed import rewrap_ddp
 from lit_nas.cost import COST_COLUMNS, CostReport, cost_rows, format_costs
 from lit_nas.growing import GROW_INITS, active_blocks_at, check_growable, identity_init, validate_grow_epochs
 from lit_nas.protocol import NASModule, nas, require_nas_module
@@ -33,7 +34,9 @@ class Growing(Callback):
     and no momentum until they activate, and then train at the learning rate in force.
 
     Under DDP use ``strategy: ddp_find_unused_parameters_true``: the inactive blocks are parameters that no
-    loss uses, which plain DDP rejects.
+    loss uses, which plain DDP rejects. Once the last block is active nothing is unused any more, and the
+    DDP wrapper is rebuilt without ``find_unused_parameters`` (it costs a traversal of the autograd graph
+    every step); pass ``keep_find_unused=True`` to keep it (a loss term of yours leaves parameters unused).
 
     Logs every epoch ``grow/active_blocks``, ``grow/active_params`` and ``grow/active_mflops`` (forward cost
     per image of the active blocks and exits); at each growth it prints the architecture and logs it as the
@@ -45,13 +48,20 @@ class Growing(Callback):
         init: how a new block starts: ``"random"`` (its initial random weights, as in the thesis) or
             ``"identity"`` (the last BN scale of each of its residual cells is zeroed at activation, so each
             cell first passes its shortcut through).
+        keep_find_unused: under DDP, keep ``find_unused_parameters`` after the last growth.
     """
 
-    def __init__(self, grow_epochs: list[int], init: Literal["random", "identity"] = "random") -> None:
+    def __init__(
+        self,
+        grow_epochs: list[int],
+        init: Literal["random", "identity"] = "random",
+        keep_find_unused: bool = False,
+    ) -> None:
         super().__init__()
         check_choice("Growing", "init", init, GROW_INITS)
         self.grow_epochs = validate_grow_epochs(grow_epochs)
         self.init = init
+        self.keep_find_unused = keep_find_unused
         #: ``(block, epoch)`` of every activation so far.
         self.history: list[tuple[int, int]] = []
         self._restored = False  # True once load_state_dict ran (a resumed run)
@@ -81,6 +91,19 @@ class Growing(Callback):
         if not self._restored:
             self.history = []
         module.set_active_blocks(1 + len(self.history))
+        self._drop_find_unused(trainer, module)  # a resume after the last growth
+
+    def _drop_find_unused(self, trainer: L.Trainer, module: NASModule) -> None:
+        """Every block active: rebuild DDP without ``find_unused_parameters`` (every rank alike)."""
+        model = trainer.strategy.model
+        if (
+            not self.keep_find_unused
+            and isinstance(model, DistributedDataParallel)
+            and model.find_unused_parameters
+            and module.active_blocks == module.arch_spec.num_blocks
+        ):
+            rewrap_ddp(trainer, find_unused_parameters=False)
+            log.info("Growing: every block active; DDP rebuilt without find_unused_parameters")
 
     def activation_epochs(self) -> list[int]:
         """Epoch at which each block activates (block 0 at epoch 0): what pruning schedules plan against."""
@@ -106,6 +129,7 @@ class Growing(Callback):
         n, costs = module.active_blocks, module.costs()
         if grown:
             self._report(trainer, module, grown, costs)
+            self._drop_find_unused(trainer, module)
         pl_module.log("grow/active_blocks", float(n), on_step=False, on_epoch=True)
         pl_module.log("grow/active_params", float(costs.active_params(n)), on_step=False, on_epoch=True)
         pl_module.log("grow/active_mflops", costs.active_flops(n) / 1e6, on_step=False, on_epoch=True)

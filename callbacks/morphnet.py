@@ -24,10 +24,10 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture
+from callbacks.distributed import check_strategy, is_ddp, rewrap_ddp
 from callbacks.luts import check_covers, load_lut
 from lit_nas.cost import channel_flops, spec_cost
 from lit_nas.gates import attach_gates, close_channels, gated_groups
@@ -167,8 +167,7 @@ class MorphNet(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module = nas(pl_module)
-        if self.expand_epochs and isinstance(trainer.strategy.model, DistributedDataParallel):
-            raise ValueError(f"{_WHO} expand_epochs rebuild the network, which DDP does not support mid-run")
+        check_strategy(_WHO, trainer)
         gates = attach_gates(module.net, [g.name for g in module.channel_groups()])
         trainable = [g for g, p in gates.items() if p.requires_grad]
         if trainable:
@@ -232,6 +231,7 @@ class MorphNet(Callback):
         spec.gated = {}
         module.set_arch_spec(spec, rebuild=True)
         attach_gates(module.net, [g.name for g in module.channel_groups()])
+        rewrap_ddp(trainer)  # new parameters: DDP wraps them anew and broadcasts rank 0's initialisation
         trainer.strategy.setup_optimizers(trainer)  # the new parameters, a fresh state and schedule
         self.expanded.append((trainer.current_epoch, factor))
         self._costs_for = -1  # a new network: its costs are computed anew
@@ -246,6 +246,8 @@ class MorphNet(Callback):
             return
         groups = [g.name for g in module.channel_groups()]
         dead = dead_channels(module.net, groups, self.threshold)
+        if is_ddp(trainer):  # DDP keeps the scales equal on every rank; rank 0's list makes ties agree
+            dead = trainer.strategy.broadcast(dead, src=0)
         close_channels(module.net, dead)
         self.closed += len(dead)
         gates = gated_groups(module.net)

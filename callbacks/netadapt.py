@@ -21,10 +21,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture, write_found
+from callbacks.distributed import check_strategy, is_ddp, rewrap_ddp
 from callbacks.luts import check_covers, load_lut
 from lit_nas.cost import MEASURES, spec_cost
 from lit_nas.latency import LatencyLUT
@@ -177,11 +177,7 @@ class NetAdapt(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module = nas(pl_module)
-        if isinstance(trainer.strategy.model, DistributedDataParallel):
-            raise ValueError(
-                f"{_WHO} fine-tunes and scores its candidates on one process and changes parameter shapes, "
-                "which DDP does not support mid-run; train on one device"
-            )
+        check_strategy(_WHO, trainer)
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "holdout_batches") or not hasattr(dm, "criterion_batches"):
             raise ValueError(f"{_WHO} needs a lit_nas datamodule (holdout_batches, criterion_batches)")
@@ -262,6 +258,9 @@ class NetAdapt(Callback):
         best = pick_best(base_acc, accs, [p.reduction for p in proposals])
         win = proposals[best]
         keep = torch.argsort(scores[win.group].cpu(), stable=True)[win.remove :].sort().values
+        if is_ddp(trainer):  # every rank ran the same candidates on the same images; rank 0 decides
+            best, keep = trainer.strategy.broadcast((best, keep), src=0)
+            win = proposals[best]
         remove_channels(net, win.group, keep, trainer.optimizers)  # optimizer state sliced with the weights
         module.set_arch_spec(net.spec)
         if self.adopt_finetuned:
@@ -270,6 +269,7 @@ class NetAdapt(Callback):
                     net.state_dict().values(), cands[best].state_dict().values(), strict=True
                 ):
                     mine.copy_(theirs)
+        rewrap_ddp(trainer)  # new shapes; DDP also broadcasts rank 0's (fine-tuned) weights
         self.cost = self.cost_of(module.arch_spec)
         self.step *= self.decay
         self.iteration += 1

@@ -151,6 +151,7 @@ class RetrainFromScratch(Callback):
         masks = module.masks()
         if self.init == "random":
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
+            seed = trainer.strategy.broadcast(seed, src=0)  # under DDP every rank must draw the same weights
             new = fresh_weights(module.arch_spec, seed)
         else:
             if self.rewind_state is None:

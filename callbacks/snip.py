@@ -22,10 +22,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture, write_found
+from callbacks.distributed import check_strategy, rewrap_ddp
 from callbacks.luts import check_covers, load_lut
 from lit_nas.gates import attach_gates, close_channels, remove_gates
 from lit_nas.latency import LatencyLUT
@@ -274,14 +274,9 @@ class SnipPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ddp = isinstance(trainer.strategy.model, DistributedDataParallel)
-        if ddp and self.granularity != "weight":
-            # DDP's gradient buckets are views of the parameters as they were when it wrapped them
-            raise ValueError(
-                f"{_WHO} granularity {self.granularity!r} changes parameter shapes, which DDP does not "
-                "support mid-run; train on one device, or use granularity 'weight'"
-            )
-        self._surgery = not ddp and (self.granularity != "weight" or self.remove_dead_edges)
+        self._surgery = self.granularity != "weight" or self.remove_dead_edges
+        if self._surgery:
+            check_strategy(_WHO, trainer)
         if not self._restored:  # a fresh run: forget any previous fit of this callback object
             self.activated, self.history, self._checked_epoch, self.initial = {}, [], -1, {}
         self._update_pending(nas(pl_module))
@@ -337,6 +332,7 @@ class SnipPruning(Callback):
         ratios = self.ratios(module.arch_spec.num_blocks)
         done = self.steps_done
         rows = []
+        before = module.arch_spec.to_dict()
         if self.granularity == "weight":
             rows = self._prune_weights(trainer, module, blocks, scores, ratios, done, epoch)
         else:
@@ -345,6 +341,8 @@ class SnipPruning(Callback):
             dead = dead_edges(net, module.masks(), prefix="net.")
             if dead:
                 module.set_arch_spec(remove_edges(net, dead, trainer.optimizers))
+        if module.arch_spec.to_dict() != before:  # every rank did the same surgery (rank 0's choice)
+            rewrap_ddp(trainer)
         self.history.extend(rows)
         self._update_pending(module)
         self._report(trainer, module, rows, epoch)

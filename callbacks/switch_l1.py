@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture
+from callbacks.distributed import broadcast_tensors, check_strategy, is_ddp, rewrap_ddp
 from lit_nas.gates import attach_gates, gated_groups
 from lit_nas.masks import mask_optimizer_state
 from lit_nas.plots import live_heatmap
@@ -150,10 +151,15 @@ class SwitchL1(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         module = nas(pl_module)
+        check_strategy(_WHO, trainer)
         switches = self._switches(module)
         self._groups = {}
+        # a resume rebuilds the net from its checkpoint, gates frozen, before DDP wraps it
+        if any(t.requires_grad == self.stopped for t in switches.values()):
+            for theta in switches.values():
+                theta.requires_grad_(not self.stopped)
+            rewrap_ddp(trainer)  # DDP reduces the parameters that required a gradient when it wrapped
         for name, theta in switches.items():
-            theta.requires_grad_(not self.stopped)  # a resume that rebuilt the net recreated them frozen
             for opt in trainer.optimizers:
                 for group in opt.param_groups:
                     if any(p is theta for p in group["params"]):
@@ -192,6 +198,7 @@ class SwitchL1(Callback):
             for theta in self._switches(nas(pl_module)).values():
                 theta.requires_grad_(False)
                 theta.grad = None
+            rewrap_ddp(trainer)  # DDP expects a gradient for every parameter that required one
             nas(pl_module).remove_loss_term(_LOSS)
             nas(pl_module).set_search_pending(_WHO, False)
             live = sum(int((t != 0).sum()) for t in self._switches(nas(pl_module)).values())
@@ -214,8 +221,23 @@ class SwitchL1(Callback):
     ) -> None:
         if self.stopped:
             return
-        for name, theta in self._switches(nas(pl_module)).items():
-            self._step(name, theta, trainer.optimizers)
+        switches = self._switches(nas(pl_module))
+        if not is_ddp(trainer):
+            for name, theta in switches.items():
+                self._step(name, theta, trainer.optimizers)
+            return
+        # DDP averages the switches' gradients, so every rank computes the same step; rank 0's switches are
+        # made the truth anyway (one broadcast), so the dead channels, hence every collection, agree exactly
+        before = {name: theta.detach() != 0 for name, theta in switches.items()}
+        for name, theta in switches.items():
+            self._step(name, theta, [])
+        broadcast_tensors(trainer, list(switches.values()))
+        for name, theta in switches.items():
+            fresh = before[name] & (theta.detach() == 0)
+            if bool(fresh.any()):
+                mask_optimizer_state(trainer.optimizers, [(theta, ~fresh)])
+            self._prev_sign[name] = torch.sign(theta.detach())
+            self._live[name] = theta.detach() != 0
 
     def _step(self, name: str, theta: nn.Parameter, optimizers: list[torch.optim.Optimizer]) -> None:
         self._follow_collection(name, theta)

@@ -59,14 +59,27 @@ class FisherAccumulator:
     Garbage collection may remove channels between steps; the running sums then follow: the channels whose
     gate was 0 at the last step are the ones removed.
 
+    Under data parallelism every process sees its own share of each batch: ``reduce`` then sums each step's
+    squared signals and sample counts over the processes (one collective per step, in a fixed group order),
+    so every process holds the signal of the global batch, identical everywhere, and a checkpoint written
+    by any of them resumes all of them. The per-sample signals are exact either way: a process's loss is
+    the mean over its own samples, and :func:`fisher_signal` undoes that mean with its own batch size.
+
     Args:
         net: the network, with gates on ``groups`` (:func:`lit_nas.gates.attach_gates`).
         groups: names of the channel groups to score.
+        reduce: sums a list of tensors over the processes, elementwise (``None``: one process).
     """
 
-    def __init__(self, net: nn.Module, groups: Iterable[str]) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        groups: Iterable[str],
+        reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ) -> None:
         self.net = net
         self.groups = list(groups)
+        self.reduce = reduce
         self.enabled = True
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -124,15 +137,20 @@ class FisherAccumulator:
 
     def end_step(self) -> None:
         """Square and accumulate the signals of the step whose backward pass just ran."""
-        for group, g in self._step.items():
+        groups = [g for g in self.groups if g in self._step]  # the same order on every process
+        totals = [self._step[g].pow(2).sum(0) for g in groups]
+        counts = [float(self._step[g].shape[0]) for g in groups]
+        if self.reduce is not None:
+            *totals, summed = self.reduce([*totals, torch.tensor(counts, dtype=torch.float64)])
+            counts = summed.tolist()
+        for group, total, count in zip(groups, totals, counts):
             self._align(group)
-            total = g.pow(2).sum(0)
             if group in self.sums:
                 self.sums[group] = self.sums[group] + total
             else:  # the sums begin: remember which channels are live now
                 self.sums[group] = total
                 self._live[group] = self._gate(group) != 0
-            self.counts[group] = self.counts.get(group, 0) + g.shape[0]
+            self.counts[group] = self.counts.get(group, 0) + round(count)
         self._step = {}
 
     def scores(self) -> dict[str, Tensor]:
