@@ -60,7 +60,7 @@ train: setup data
 	$(PY) train.py fit --config $(CONFIG)
 
 test: setup
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -62,8 +62,9 @@ class FisherAccumulator:
     Under data parallelism every process sees its own share of each batch: ``reduce`` then sums each step's
     squared signals and sample counts over the processes (one collective per step, in a fixed group order),
     so every process holds the signal of the global batch, identical everywhere, and a checkpoint written
-    by any of them resumes all of them. The per-sample signals are exact either way: a process's loss is
-    the mean over its own samples, and :func:`fisher_signal` undoes that mean with its own batch size.
+    by any of them resumes all of them. A process's loss is the mean over its own samples, and
+    :func:`fisher_signal` undoes that mean with its own batch size; with BatchNorm in training mode, each
+    process normalises with its own batch's statistics.
 
     Args:
         net: the network, with gates on ``groups`` (:func:`lit_nas.gates.attach_gates`).

@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +12,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # a local Ray instance binds to the loopback interface only (set before ray is imported)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the cores shared among pytest-xdist's workers (`make test` runs 2): more threads than cores slows torch down
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 from lit_nas import DataShape, NetConfig  # noqa: E402
 
@@ -65,3 +70,37 @@ def tiny_data():
     from lit_nas.data import SyntheticDataModule
 
     return SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory) -> Path:
+    """The output of one ``python -m tests.ddp_search OUT``: every DDP fit the tests check, in 2 processes.
+
+    Run once per test session, whichever pytest-xdist worker asks first (the others wait for it).
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # this session's, all workers'
+    out, done = shared / "ddp_search", shared / "ddp_search.done"
+    with FileLock(str(shared / "ddp_search.lock")):
+        if not done.exists():
+            out.mkdir(exist_ok=True)
+            repo = Path(__file__).resolve().parents[1]
+            env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+            proc = subprocess.run(
+                [sys.executable, "-m", "tests.ddp_search", str(out)],
+                cwd=repo,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            done.write_text("ok\n")
+    return out
+
+
+def ranks(out: Path, fit: str) -> list[dict]:
+    """What ranks 0 and 1 saved at the end of ``fit`` (``tests/ddp_search.py``)."""
+    return [torch.load(out / fit / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

@@ -4,6 +4,8 @@ Run by ``tests/test_distributed.py`` as ``python -m tests.ddp_search OUT``; Ligh
 rank 1 by re-running this module, and both ranks run the same fits one after the other (one process
 start for all of them). Each fit saves what every rank holds as ``OUT/<fit>/rank<r>.pt``:
 
+- ``growing``: the net grows (``grow_epochs: [1, 2, 3]``) and stops after epoch 2, before block 3 activates;
+- ``growing_snip``: the same, SNIP (weights, keep 0.5, one-shot) pruning each block as it activates;
 - ``fisher``: growing, then Fisher pruning with a collection after every prune event, checkpoints every
   epoch (``find_unused_parameters`` only while blocks are inactive);
 - ``fisher_resumed``: the same, resumed from ``fisher``'s checkpoint after epoch 2 (after collections);
@@ -93,6 +95,30 @@ class SaveRankState(L.Callback):
         )
 
 
+class Initial(L.Callback):
+    """The weights at fit start (after DDP broadcast rank 0's), and a stop after epoch ``stop_after``."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.stop_after, self.state = stop_after, {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == self.stop_after:
+            trainer.should_stop = True
+
+
+def blocks_with_state(trainer: L.Trainer, module: Any) -> list[int]:
+    """The blocks whose parameters have optimizer state (momentum): the ones that ever trained."""
+    opt = trainer.optimizers[0]
+    return [
+        b
+        for b in range(module.arch_spec.num_blocks)
+        if any(p in opt.state and opt.state[p] for p in module.net.blocks[b].parameters())
+    ]
+
+
 class BatchNormEval(L.Callback):
     """BatchNorm in eval mode (running statistics): each sample's output depends on that sample alone."""
 
@@ -162,6 +188,24 @@ def fisher_fit(out: Path, name: str, ckpt_path: str | None = None) -> None:
     t.fit(tiny_module(seed=0), datamodule=data(), ckpt_path=ckpt_path)
 
 
+def growing_fit(out: Path, name: str, snip: bool) -> None:
+    growing = Growing(grow_epochs=[1, 2, 3])
+    pruning = SnipPruning(keep_ratio=0.5, after_epochs=0, criterion_batch_size=16) if snip else None
+    initial = Initial(stop_after=2)  # block 3 (growth at epoch 3) never activates
+    torch.manual_seed(0)
+    module = tiny_module(seed=0)
+    records = {
+        "initial": lambda: initial.state,
+        "active_blocks": lambda: module.active_blocks,
+        "history": lambda: [list(h) for h in growing.history],
+        "snip_history": lambda: [list(h) for h in pruning.history] if pruning else [],
+        "blocks_with_state": lambda: blocks_with_state(t, module),
+    }
+    callbacks = [growing, *([pruning] if pruning else []), initial, SaveRankState(out / name, records)]
+    t = trainer(out / name, callbacks, strategy="ddp_find_unused_parameters_true", max_epochs=4)
+    t.fit(module, datamodule=data())
+
+
 def strip_fisher_state(ckpt: Path, dest: Path) -> None:
     """A copy of ``ckpt`` without FisherPruning's state (a resume that forgets where the search was)."""
     state = torch.load(ckpt, weights_only=False)
@@ -176,6 +220,8 @@ def main() -> None:
     out: Path = args.out
     torch.set_num_threads(1)  # two processes on two cores
 
+    growing_fit(out, "growing", snip=False)
+    growing_fit(out, "growing_snip", snip=True)
     fisher_fit(out, "fisher")
     rank = torch.distributed.get_rank()
     ckpt = out / "fisher" / "ckpt" / RESUME_FROM

@@ -1,14 +1,11 @@
 """Channel searches with garbage collection under 2-process DDP (gloo, CPU): ranks agree, resumes are exact.
 
-One run of ``tests/ddp_search.py`` (two processes, every fit one after the other) feeds these tests.
+One run of ``tests/ddp_search.py`` (two processes, every fit one after the other; the session fixture
+``ddp_runs`` of ``tests/conftest.py``) feeds these tests and the DDP tests of growing and SNIP.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,30 +14,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from callbacks import FisherPruning, GarbageCollection
 from callbacks.distributed import all_reduce_sum, check_strategy, rewrap_ddp
-from tests.conftest import tiny_module, tiny_trainer
+from tests.conftest import ranks, tiny_module, tiny_trainer
 from tests.ddp_search import SUMS_BATCH, SUMS_STEPS, BatchNormEval, data
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp_search")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.ddp_search", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
-
-
-def ranks(out: Path, fit: str) -> list[dict]:
-    return [torch.load(out / fit / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 def assert_same_tensors(a: dict, b: dict, what: str) -> None:

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from callbacks import Growing
 from lit_nas import NetConfig
 from lit_nas.growing import active_blocks_at, identity_init, validate_grow_epochs
 from lit_nas.module import MultiExitModule
 from lit_nas.optim import LRScheduleConfig, OptimizerConfig
-from tests.conftest import TINY, tiny_module, tiny_trainer
+from tests.conftest import TINY, ranks, tiny_module, tiny_trainer
 from tests.conftest import tiny_data as data
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def block_state(module: MultiExitModule, b: int) -> dict[str, torch.Tensor]:
@@ -260,44 +257,37 @@ def test_resume_after_a_growth_matches_an_uninterrupted_run(tmp_path):
     assert any(not torch.equal(a, c) for a, c in zip(straight.parameters(), other.parameters()))
 
 
-# -- DDP --------------------------------------------------------------------------------------------------
-def run_ddp_script(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "tests.ddp_growing", str(out), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_growth_under_two_process_ddp_keeps_ranks_identical(tmp_path):
-    proc = run_ddp_script(tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    initial = torch.load(tmp_path / "initial.pt", weights_only=True)
-    for r in ranks:
+# -- DDP (tests/ddp_search.py, run once per session: the ddp_runs fixture) -------------------------------
+def test_growth_under_two_process_ddp_keeps_ranks_identical(ddp_runs):
+    r0, r1 = ranks(ddp_runs, "growing")
+    initial = r0["initial"]
+    for r in (r0, r1):
         assert r["active_blocks"] == 3 and r["history"] == [[1, 1], [2, 2]]
         assert r["world_size"] == 2
-    for k, a in ranks[0]["state"].items():
-        torch.testing.assert_close(a, ranks[1]["state"][k], rtol=0, atol=0, msg=k)
+        assert r["find_unused"] is True  # block 3 is still inactive: DDP must keep looking
+    for k, a in r0["state"].items():
+        torch.testing.assert_close(a, r1["state"][k], rtol=0, atol=0, msg=k)
     # blocks 0-2 trained, block 3 never activated: bit-identical to its initial weights, no optimizer state
     trained = [
-        k
-        for k in initial
-        if k.startswith("net.blocks.2.") and not torch.equal(initial[k], ranks[0]["state"][k])
+        k for k in initial if k.startswith("net.blocks.2.") and not torch.equal(initial[k], r0["state"][k])
     ]
     assert trained
     for k, v in initial.items():
         if k.startswith(("net.blocks.3.", "net.exits.3.")):
-            assert torch.equal(ranks[0]["state"][k], v), k
-    for r in ranks:
+            assert torch.equal(r0["state"][k], v), k
+    for r in (r0, r1):
         assert r["blocks_with_state"] == [0, 1, 2]
 
 
-def test_ddp_without_find_unused_parameters_fails_clearly(tmp_path):
-    proc = run_ddp_script(tmp_path, "--strategy", "ddp", "--devices", "1")
-    assert proc.returncode != 0
-    assert "use strategy 'ddp_find_unused_parameters_true'" in proc.stderr
+class _PlainDDP(DistributedDataParallel):
+    """Lightning's plain ``ddp`` wrapper as far as Growing looks at it (no process group needed)."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.find_unused_parameters = False
+
+
+def test_ddp_without_find_unused_parameters_fails_clearly():
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=_PlainDDP()))
+    with pytest.raises(ValueError, match=r"use strategy 'ddp_find_unused_parameters_true'"):
+        Growing([1, 2, 3]).on_fit_start(trainer, tiny_module())  # type: ignore[arg-type]

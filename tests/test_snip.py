@@ -21,9 +21,10 @@ from lit_nas.snip import (
     snip_scores,
 )
 from lit_nas.surgery import remove_channels
+from tests.conftest import ranks as run_ranks
 from tests.conftest import tiny_data as data
 from tests.conftest import tiny_module, tiny_trainer
-from tests.test_growing import StopAfter, run_ddp_script
+from tests.test_growing import StopAfter
 
 
 def make_module(dense: bool = False, **kwargs) -> MultiExitModule:
@@ -367,11 +368,9 @@ def test_needs_a_datamodule_with_criterion_batches(tmp_path):
         )
 
 
-def test_pruning_under_two_process_ddp_keeps_ranks_identical(tmp_path):
+def test_pruning_under_two_process_ddp_keeps_ranks_identical(ddp_runs):
     """gloo, 2 CPU processes: rank 0's masks reach both ranks, pruned weights stay zero on both."""
-    proc = run_ddp_script(tmp_path, "--snip")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = run_ranks(ddp_runs, "growing_snip")
     assert ranks[0]["snip_history"] == ranks[1]["snip_history"]
     assert [(e, b) for e, b, *_ in ranks[0]["snip_history"]] == [(0, 0), (1, 1), (2, 2)]
     for k, v in ranks[0]["state"].items():

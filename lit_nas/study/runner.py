@@ -247,7 +247,7 @@ def run_study(
         timeout_s: limit of one trial.
         results_root: where records go (``studies/results``).
         runs_root: where run directories go (``runs/studies``).
-        check: build every trial's settings before the first one runs.
+        check: build the settings of every trial that will run before the first one runs.
         out: where progress lines go.
     """
     if engine not in ENGINES:
@@ -256,8 +256,6 @@ def run_study(
         raise StudySpecError(f"jobs must be >= 1; got {jobs}")
     study = Study(spec, results_root, runs_root)
     trials = spec.trials()
-    if check:
-        check_trials(trials)
 
     def pending(ts: Iterable[Trial]) -> list[Trial]:
         out_ = []
@@ -267,9 +265,12 @@ def run_study(
                 out_.append(t)
         return out_
 
+    first = pending(trials)
+    if check and first:  # what will run (a resume does not rebuild the finished trials' settings)
+        check_trials(first)
+
     cost_searched = [t for t in trials if t.family == SEARCH and t.seed in spec.search_cost_seeds]
     total = len(trials) + len(cost_searched)
-    first = pending(trials)
     counted = {t.id for t in cost_searched if study.record(spec.found_placeholder(t)) is not None}
     found_done = len(counted)
     parallel = jobs if engine == "local" else max(1, jobs)
