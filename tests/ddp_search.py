@@ -45,7 +45,7 @@ from callbacks import (
 )
 from lit_nas.data import SyntheticDataModule, _as_batch
 from lit_nas.gates import gated_groups
-from tests.conftest import tiny_module
+from tests.conftest import tiny_module, tiny_trainer
 
 SUMS_BATCH = 8
 SUMS_STEPS = 4
@@ -150,20 +150,9 @@ def data(batch_size: int = 16, in_order: bool = False) -> SyntheticDataModule:
 
 
 def trainer(out: Path, callbacks: list, strategy: str = "ddp", **kwargs: Any) -> L.Trainer:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        max_epochs=FIT_EPOCHS,
-        logger=False,
-        default_root_dir=out,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        callbacks=callbacks,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    """The tests' tiny trainer on 2 CPU processes."""
+    settings: dict[str, Any] = dict(devices=2, strategy=strategy, max_epochs=FIT_EPOCHS, callbacks=callbacks)
+    return tiny_trainer(out, **{**settings, **kwargs})
 
 
 def fisher_fit(out: Path, name: str, ckpt_path: str | None = None) -> None:
