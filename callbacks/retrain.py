@@ -60,7 +60,8 @@ class RetrainFromScratch(Callback):
         init: ``random`` or ``rewind``.
         rewind_epoch: with ``rewind``: the epoch (``0 <= rewind_epoch < epoch``) whose starting weights come
             back; 0 is the initialisation itself (the original lottery ticket).
-        seed: seed of the fresh weights with ``random``; ``None`` draws one from the run's random state.
+        seed: seed of the fresh weights with ``random``; ``None`` draws one from the run's random state at
+            fit start and keeps it in the checkpoint, so a resumed run retrains from the same weights.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class RetrainFromScratch(Callback):
         self.restarted = False
         self._waiting = False  # warned that the restart waits for a search
         self.rewind_state: dict[str, torch.Tensor] | None = None  # the network's weights at rewind_epoch
+        self.drawn_seed: int | None = None  # seed None: the one drawn at fit start (in the checkpoint)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -102,6 +104,11 @@ class RetrainFromScratch(Callback):
             )
         if not self.restarted:
             self._check_schedules(trainer)
+            if self.init == "random" and self.seed is None and self.drawn_seed is None:
+                # drawn once, kept in the checkpoint: a resumed run retrains from the same weights; rank 0's
+                # for every rank under DDP
+                drawn = int(torch.randint(0, 2**31 - 1, ()))
+                self.drawn_seed = int(trainer.strategy.broadcast(drawn, src=0))
         nas(pl_module).set_search_pending(_WHO, not self.restarted)
 
     def _check_schedules(self, trainer: L.Trainer) -> None:
@@ -150,8 +157,9 @@ class RetrainFromScratch(Callback):
     def _restart(self, trainer: L.Trainer, module: NASModule) -> None:
         masks = module.masks()
         if self.init == "random":
-            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
-            seed = trainer.strategy.broadcast(seed, src=0)  # under DDP every rank must draw the same weights
+            seed = self.seed if self.seed is not None else self.drawn_seed
+            if seed is None:
+                raise RuntimeError(f"{_WHO}: on_fit_start did not draw the seed before the restart")
             new = fresh_weights(module.arch_spec, seed)
         else:
             if self.rewind_state is None:
@@ -178,9 +186,10 @@ class RetrainFromScratch(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"restarted": self.restarted, "rewind_state": self.rewind_state}
+        return {"restarted": self.restarted, "rewind_state": self.rewind_state, "drawn_seed": self.drawn_seed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.restarted = bool(state_dict["restarted"])
         self.rewind_state = state_dict["rewind_state"]
+        self.drawn_seed = state_dict.get("drawn_seed")  # absent from checkpoints written before it was kept

@@ -12,6 +12,8 @@ start for all of them). Each fit saves what every rank holds as ``OUT/<fit>/rank
 - ``fisher_stripped``: the same resume with FisherPruning's state removed from the checkpoint (negative
   control);
 - ``switch``: SwitchL1 with a collection every epoch, then a retraining from scratch (no seed given);
+- ``switch_resumed``: the same, resumed from its checkpoint after epoch 3 (the switches come back frozen
+  with the rebuilt net and must be made trainable again, and DDP rebuilt over them);
 - ``morphnet``: MorphNet closes channels, GC collects them, the network is expanded (rebuilt) at epoch 2;
 - ``netadapt``: NetAdapt removes channels (every rank scores the same candidates; rank 0 decides);
 - ``snip_edge``: the dense net grows, and SNIP removes half of each block's edges as it activates;
@@ -50,6 +52,7 @@ from tests.conftest import tiny_module, tiny_trainer
 SUMS_BATCH = 8
 SUMS_STEPS = 4
 FIT_EPOCHS = 6
+SWITCH_RESUME_FROM = "epoch=3-step=16.ckpt"  # after the collections, before the freeze and the retraining
 RESUME_FROM = "epoch=2-step=12.ckpt"  # 4 steps per epoch per rank (72 images each, batches of 16)
 
 
@@ -195,6 +198,22 @@ def growing_fit(out: Path, name: str, snip: bool) -> None:
     t.fit(module, datamodule=data())
 
 
+def switch_fit(out: Path, name: str, ckpt_path: str | None = None) -> None:
+    switch = SwitchL1(lam=1.0, until_epoch=4)
+    gc = GarbageCollection(epochs=None)
+    retrain = RetrainFromScratch(epoch=4)  # no seed: drawn at fit start, by rank 0, kept in the checkpoint
+    records = {
+        "switch_history": lambda: [[e, live] for e, live in switch.history],
+        "gc_history": lambda: [list(h) for h in gc.history],
+        "restarted": lambda: retrain.restarted,
+    }
+    torch.manual_seed(0)
+    ckpt = ModelCheckpoint(out / name / "ckpt", save_top_k=-1)
+    cbs = [switch, gc, retrain, ckpt, SaveRankState(out / name, records)]
+    t = trainer(out / name, cbs, max_epochs=5, enable_checkpointing=True)
+    t.fit(tiny_module(seed=0), datamodule=data(), ckpt_path=ckpt_path)
+
+
 def strip_fisher_state(ckpt: Path, dest: Path) -> None:
     """A copy of ``ckpt`` without FisherPruning's state (a resume that forgets where the search was)."""
     state = torch.load(ckpt, weights_only=False)
@@ -219,17 +238,8 @@ def main() -> None:
     strip_fisher_state(ckpt, stripped)
     fisher_fit(out, "fisher_stripped", ckpt_path=str(stripped))
 
-    switch = SwitchL1(lam=1.0, until_epoch=4)
-    gc = GarbageCollection(epochs=None)
-    retrain = RetrainFromScratch(epoch=4)  # no seed: each rank would draw its own without the broadcast
-    records = {
-        "switch_history": lambda: [[e, live] for e, live in switch.history],
-        "gc_history": lambda: [list(h) for h in gc.history],
-        "restarted": lambda: retrain.restarted,
-    }
-    torch.manual_seed(0)
-    cbs = [switch, gc, retrain, SaveRankState(out / "switch", records)]
-    trainer(out / "switch", cbs, max_epochs=5).fit(tiny_module(seed=0), datamodule=data())
+    switch_fit(out, "switch")
+    switch_fit(out, "switch_resumed", ckpt_path=str(out / "switch" / "ckpt" / SWITCH_RESUME_FROM))
 
     search = MorphNet(strength=30.0, threshold=0.2, until_epoch=3, expand_epochs=[2], budget_fraction=1.0)
     gc = GarbageCollection()

@@ -24,7 +24,9 @@ def assert_same_tensors(a: dict, b: dict, what: str) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{what}: {k}")
 
 
-@pytest.mark.parametrize("fit", ["fisher", "fisher_resumed", "switch", "morphnet", "netadapt", "snip_edge"])
+@pytest.mark.parametrize(
+    "fit", ["fisher", "fisher_resumed", "switch", "switch_resumed", "morphnet", "netadapt", "snip_edge"]
+)
 def test_every_rank_ends_with_the_same_architecture_gates_weights_and_optimizer_state(ddp_runs, fit):
     r0, r1 = ranks(ddp_runs, fit)
     assert r0["world_size"] == r1["world_size"] == 2
@@ -99,6 +101,16 @@ def test_a_ddp_resume_after_collections_matches_the_uninterrupted_run(ddp_runs):
     assert stripped["spec"] != full["spec"] or any(
         not torch.equal(full["state"][k], stripped["state"][k]) for k in full["state"]
     )
+
+
+def test_a_ddp_switch_resume_before_the_freeze_and_the_retraining_matches_the_uninterrupted_run(ddp_runs):
+    """The resumed switches come back frozen with the rebuilt net: thawed, DDP rebuilt over them; the
+    retraining's seed (none given) is the one drawn when the run started, kept in the checkpoint."""
+    full, resumed = ranks(ddp_runs, "switch")[0], ranks(ddp_runs, "switch_resumed")[0]
+    assert full["gc_history"] and resumed["restarted"]
+    assert resumed["spec"] == full["spec"] and resumed["switch_history"][-1] == full["switch_history"][-1]
+    assert_same_tensors(full["state"], resumed["state"], "resumed weights")
+    assert_same_tensors(full["optimizer"], resumed["optimizer"], "resumed optimizer state")
 
 
 def test_fisher_sums_of_two_ranks_equal_one_process_on_the_doubled_batch(ddp_runs, tmp_path):
