@@ -10,7 +10,8 @@ variants that take turns step by step on the same batch (the same shuffled order
 - ``find_unused``: DDP with ``find_unused_parameters=True`` (what Growing drops after the last block).
 
 Then half of the channels are gated off and collected, and the DDP wrapper rebuilt over the smaller
-parameters (``callbacks.distributed.rewrap_ddp``'s steps) several times: its cost is printed in steps.
+parameters several times (``callbacks.distributed.release`` and a new wrapper, as ``rewrap_ddp`` does):
+its cost is printed in steps.
 
     python benchmarks/ddp_overhead.py [--rounds 3] [--steps 20] [--batch-size 64]
 """
@@ -21,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import gc
 import math
 import os
 import socket
@@ -37,6 +37,7 @@ from interleave import median_ratio, random_batches, time_interleaved  # benchma
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from callbacks.distributed import release, sum_over_ranks
 from lit_nas import DataShape, NetConfig, build_net
 from lit_nas.fisher import FisherAccumulator
 from lit_nas.gates import attach_gates
@@ -45,17 +46,6 @@ from lit_nas.surgery import collect_gated
 
 def loss_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return sum(nn.functional.cross_entropy(lg, y) for lg in net(x).logits)
-
-
-def all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One collective for the step's sums and counts, as ``callbacks.distributed.all_reduce_sum``."""
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-    dist.all_reduce(flat)
-    out, i = [], 0
-    for t in tensors:
-        out.append(flat[i : i + t.numel()].view_as(t).to(t.dtype))
-        i += t.numel()
-    return out
 
 
 def worker(rank: int, args: argparse.Namespace, port: int) -> None:
@@ -70,7 +60,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     nets = {name: copy.deepcopy(base) for name in ("ddp", "ddp+fisher", "ddp+fisher_local", "find_unused")}
     wrapped = {n: DDP(net, find_unused_parameters=n == "find_unused") for n, net in nets.items()}
     opts = {n: torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9) for n, net in nets.items()}
-    acc = FisherAccumulator(nets["ddp+fisher"], groups, reduce=all_reduce)
+    acc = FisherAccumulator(nets["ddp+fisher"], groups, reduce=sum_over_ranks)
     local = FisherAccumulator(nets["ddp+fisher_local"], groups)  # the signal without the all-reduce
     acc.attach()
     local.attach()
@@ -100,10 +90,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     for _ in range(args.rewraps):
         dist.barrier()
         t0 = time.perf_counter()
-        del wrapped["ddp"].reducer
-        del wrapped["ddp"]
-        gc.collect()
-        wrapped["ddp"] = DDP(net)
+        wrapped["ddp"] = DDP(release(wrapped.pop("ddp")))  # what rewrap_ddp does, without Lightning
         rewraps.append(time.perf_counter() - t0)
     after = []
     for batch in batches:  # the smaller network still trains under the new wrapper

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,18 @@ def is_ddp(trainer: L.Trainer) -> bool:
     return isinstance(trainer.strategy.model, DistributedDataParallel)
 
 
+def release(wrapper: DistributedDataParallel) -> nn.Module:
+    """Drop a DDP wrapper's reducer and return the module it wrapped, ready to be wrapped anew.
+
+    The reducer holds the parameters' gradient accumulators, which remember the shapes it wrapped: after a
+    surgery autograd would reject the new gradients while it lives, so it must be gone first.
+    """
+    module = wrapper.module
+    del wrapper.reducer
+    gc.collect()
+    return module
+
+
 def rewrap_ddp(trainer: L.Trainer, find_unused_parameters: bool | None = None) -> bool:
     """Rebuild the DDP wrapper over the module's current parameters (after a surgery changed their shapes).
 
@@ -74,16 +86,40 @@ def rewrap_ddp(trainer: L.Trainer, find_unused_parameters: bool | None = None) -
         return False
     if find_unused_parameters is not None:
         strategy._ddp_kwargs["find_unused_parameters"] = find_unused_parameters
-    module = old.module
-    # the old reducer holds the parameters' gradient accumulators, which remember the old shapes (autograd
-    # would reject the new gradients): it must be gone before the new wrapper hooks them anew
-    strategy.model = module
-    del old.reducer, old
-    gc.collect()
+    strategy.model = old.module  # the strategy's reference to the old wrapper goes too
+    module = release(old)
+    del old
     strategy.model = strategy._setup_model(module)
     strategy._register_ddp_hooks()
     log.debug("DDP rebuilt (find_unused_parameters=%s)", strategy.model.find_unused_parameters)
     return True
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+
+
+def _pieces(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``flat`` cut back into tensors of ``like``'s shapes and dtypes."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
+def sum_over_ranks(tensors: list[Tensor]) -> list[Tensor]:
+    """The elementwise sums over the process group of ``tensors``, in one collective (float64 inside)."""
+    if not tensors or not dist.is_initialized():
+        return tensors
+    flat = _flat(tensors)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return _pieces(flat, tensors)
+
+
+def all_reduce_sum(trainer: L.Trainer, tensors: list[Tensor]) -> list[Tensor]:
+    """:func:`sum_over_ranks` under DDP; the tensors themselves on one process."""
+    return sum_over_ranks(tensors) if is_ddp(trainer) else tensors
 
 
 def broadcast_tensors(trainer: L.Trainer, tensors: list[Tensor], src: int = 0) -> None:
@@ -94,24 +130,7 @@ def broadcast_tensors(trainer: L.Trainer, tensors: list[Tensor], src: int = 0) -
     """
     if not is_ddp(trainer) or not tensors or not dist.is_initialized():
         return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    flat = _flat(tensors)
     dist.broadcast(flat, src=src)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.data.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
-        offset += n
-
-
-def all_reduce_sum(trainer: L.Trainer, tensors: list[Tensor]) -> list[Tensor]:
-    """The sums over ranks of ``tensors``, in one collective; the tensors themselves on one process."""
-    if not is_ddp(trainer) or not tensors or not dist.is_initialized():
-        return tensors
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    out, offset = [], 0
-    for t in tensors:
-        n = t.numel()
-        out.append(flat[offset : offset + n].view_as(t).to(t.dtype))
-        offset += n
-    return out
+    for t, piece in zip(tensors, _pieces(flat, tensors)):
+        t.data.copy_(piece)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from callbacks.artifacts import log_picture
-from callbacks.distributed import broadcast_tensors, check_strategy, is_ddp, rewrap_ddp
+from callbacks.distributed import broadcast_tensors, check_strategy, rewrap_ddp
 from lit_nas.gates import attach_gates, gated_groups
 from lit_nas.masks import mask_optimizer_state
 from lit_nas.plots import live_heatmap
@@ -222,30 +222,28 @@ class SwitchL1(Callback):
         if self.stopped:
             return
         switches = self._switches(nas(pl_module))
-        if not is_ddp(trainer):
-            for name, theta in switches.items():
-                self._step(name, theta, trainer.optimizers)
-            return
-        # DDP averages the switches' gradients, so every rank computes the same step; rank 0's switches are
-        # made the truth anyway (one broadcast), so the dead channels, hence every collection, agree exactly
         before = {name: theta.detach() != 0 for name, theta in switches.items()}
         for name, theta in switches.items():
-            self._step(name, theta, [])
+            self._step(name, theta)
+        # under DDP the switches' gradients are averaged, so every rank computed the same step; rank 0's
+        # switches are made the truth anyway (one broadcast; nothing on one process), so the dead channels,
+        # hence every collection, agree exactly
         broadcast_tensors(trainer, list(switches.values()))
         for name, theta in switches.items():
-            fresh = before[name] & (theta.detach() == 0)
-            if bool(fresh.any()):
+            fresh = before[name] & (theta.detach() == 0)  # killed by this step
+            if bool(fresh.any()):  # momentum / Adam moments of a dead switch would move it again
                 mask_optimizer_state(trainer.optimizers, [(theta, ~fresh)])
             self._prev_sign[name] = torch.sign(theta.detach())
             self._live[name] = theta.detach() != 0
 
-    def _step(self, name: str, theta: nn.Parameter, optimizers: list[torch.optim.Optimizer]) -> None:
+    def _step(self, name: str, theta: nn.Parameter) -> None:
+        """The L1 update and the kill rule on one group's switches (the records follow in the caller)."""
         self._follow_collection(name, theta)
         window = None
         if self.kill == "sign_variance":
             window = self._windows.setdefault(name, SignWindow(theta.numel(), self.window, theta.device))
             window.signs = window.signs.to(theta.device)  # restored from a checkpoint on the CPU
-        fresh = switch_step(
+        switch_step(
             theta,
             update=self.update,
             kill=self.kill,
@@ -255,10 +253,6 @@ class SwitchL1(Callback):
             previous_sign=self._prev_sign[name].to(theta.device),
             window=window,
         )
-        if bool(fresh.any()):  # momentum / Adam moments of a dead switch would move it again
-            mask_optimizer_state(optimizers, [(theta, ~fresh)])
-        self._prev_sign[name] = torch.sign(theta.detach())
-        self._live[name] = theta.detach() != 0
 
     def _follow_collection(self, name: str, theta: nn.Parameter) -> None:
         """Garbage collection removed the dead switches: drop them from the per-switch records too."""
