@@ -39,13 +39,18 @@ from callbacks import NAMED_CALLBACKS, LastCheckpoint, RunSummary
 from lit_nas.data import DataError, ImageDataModule
 from lit_nas.module import MultiExitModule
 from lit_nas.runs import (
+    RUN_DIR_ENV,
     RunFailure,
     best_checkpoint,
     checkpoint_dir,
+    claim_run_dir,
     last_checkpoint,
     latest_run_dir,
+    launched_secondary,
     new_run_dir,
+    release_unused_run_dirs,
 )
+from lit_nas.yamlfile import YamlFileError, load_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -63,6 +68,33 @@ def resolve_config_args(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> l
         elif arg.startswith("--config="):
             out[i] = "--config=" + _resolve(arg.split("=", 1)[1], config_dir)
     return out
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Read every ``--config`` file once, bounded (:func:`lit_nas.yamlfile.load_yaml`), before the parser.
+
+    Raises:
+        RunFailure: a config is not UTF-8 YAML, expands past the bound (an alias bomb), or is not a
+            mapping; the message names the file and never echoes its contents.
+    """
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if not Path(path).is_file():
+            continue  # the parser names a missing config
+        try:
+            data = load_yaml(path, "config")
+        except YamlFileError as err:
+            raise RunFailure(str(err)) from None
+        if data is not None and not isinstance(data, dict):
+            raise RunFailure(
+                f"config {path} must be a mapping of keys (trainer:, model:, data:, ...); it holds a "
+                f"{type(data).__name__}"
+            )
 
 
 def _resolve(name: str, config_dir: Path) -> str:
@@ -223,7 +255,6 @@ class LitNASCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config)
         run_dir = config.get("run_dir") if self.subcommand in ("fit", None) else None
         if run_dir:
-            extra.append(LastCheckpoint(str(checkpoint_dir(run_dir))))
             extra.append(
                 RunSummary(
                     run_dir,
@@ -245,6 +276,8 @@ class LitNASCLI(LightningCLI):
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                     cb.dirpath = str(checkpoint_dir(run_dir))
+            # after the ModelCheckpoints (see LastCheckpoint): last.ckpt holds this epoch's best tracker
+            trainer.callbacks.append(LastCheckpoint(str(checkpoint_dir(run_dir))))
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -262,7 +295,14 @@ class LitNASCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config)
         if not config.get("test_after_fit", True) or self.trainer.fast_dev_run or self.trainer.interrupted:
             return
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best_checkpoint(self.trainer))
+        best = best_checkpoint(self.trainer)
+        if best is not None and not Path(best).is_file():
+            raise RunFailure(
+                f"the best checkpoint of this run, {best}, is gone (its tracker in last.ckpt names it), so "
+                "the test after fit cannot run; test another checkpoint with `train.py test --ckpt_path "
+                "FILE`, or resume with --test_after_fit false"
+            )
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
 
 def _config_name(config: Any) -> str:
@@ -286,43 +326,64 @@ def _overrides(argv: Sequence[str]) -> list[str]:
 def resolve_run(run_dir: str | None, ckpt_path: str | None, name: str) -> tuple[str, str | None]:
     """The run directory of a fit and the checkpoint it resumes (``ckpt_path: last`` made concrete).
 
+    The directory is claimed for this process as it is chosen (:func:`lit_nas.runs.claim_run_dir`), so runs
+    started together never share one; the processes a DDP launcher starts take the one their rank 0 chose.
+
     Args:
         run_dir: ``--run_dir``, or ``None`` for ``runs/<name>`` (numbered when taken).
         ckpt_path: ``--ckpt_path``: ``None``, ``last`` or a path.
         name: the config's name.
 
     Raises:
-        RunFailure: an explicit ``run_dir`` already holds a run and nothing resumes it.
+        RunFailure: ``run_dir`` is empty, already holds a run and nothing resumes it, or is in use by
+            another live process.
     """
-    if run_dir is not None:
-        last = last_checkpoint(run_dir)
-        if ckpt_path == "last":
-            if last is None:
-                rank_zero_warn(
-                    f"--ckpt_path last: {run_dir} has no checkpoints/last.ckpt yet; training starts"
-                )
-            return run_dir, None if last is None else str(last)
-        if ckpt_path is None and last is not None:
-            raise RunFailure(
-                f"--run_dir {run_dir} already holds a run ({last}); resume it with --ckpt_path last, or "
-                "choose another --run_dir (a new run never writes over an earlier one)"
-            )
-        return run_dir, ckpt_path
-    if ckpt_path == "last":
+    if run_dir is not None and not str(run_dir).strip():
+        raise RunFailure("--run_dir is empty: give a directory, or leave it out for runs/<config name>")
+    secondary = launched_secondary()
+    if secondary and os.environ.get(RUN_DIR_ENV):  # a DDP rank > 0: rank 0 chose and claimed it
+        run_dir = os.environ[RUN_DIR_ENV]
+    if run_dir is None and ckpt_path == "last":
         found = latest_run_dir(RUNS_ROOT, name)
         if found is None:
-            fresh = new_run_dir(RUNS_ROOT, name)
+            fresh = new_run_dir(RUNS_ROOT, name, claim=not secondary)
             rank_zero_warn(
                 f"--ckpt_path last: no {RUNS_ROOT}/{name}*/checkpoints/last.ckpt to resume; training starts "
                 f"in {fresh}"
             )
-            return str(fresh), None
-        return str(found), str(last_checkpoint(found))
-    if ckpt_path is not None:
+            return _chosen(str(fresh), None, secondary)
+        run_dir = str(found)
+    elif run_dir is None and ckpt_path is not None:
         path = Path(ckpt_path)
         if path.name == "last.ckpt" and path.parent.name == "checkpoints":  # a run's own: continue it
-            return str(path.parent.parent), ckpt_path
-    return str(new_run_dir(RUNS_ROOT, name)), ckpt_path
+            run_dir = str(path.parent.parent)
+    if run_dir is None:
+        return _chosen(str(new_run_dir(RUNS_ROOT, name, claim=not secondary)), ckpt_path, secondary)
+    if not secondary:
+        holder = claim_run_dir(run_dir)
+        if holder is not None:
+            raise RunFailure(
+                f"run directory {run_dir} is in use by another running process ({holder}); wait for it to "
+                "end, or choose another --run_dir (two runs in one directory would overwrite each other)"
+            )
+    last = last_checkpoint(run_dir)
+    if ckpt_path == "last":
+        if last is None:
+            rank_zero_warn(f"--ckpt_path last: {run_dir} has no checkpoints/last.ckpt yet; training starts")
+        return _chosen(run_dir, None if last is None else str(last), secondary)
+    if ckpt_path is None and last is not None:
+        raise RunFailure(
+            f"--run_dir {run_dir} already holds a run ({last}); resume it with --ckpt_path last, or "
+            "choose another --run_dir (a new run never writes over an earlier one)"
+        )
+    return _chosen(run_dir, ckpt_path, secondary)
+
+
+def _chosen(run_dir: str, ckpt_path: str | None, secondary: bool) -> tuple[str, str | None]:
+    """Hand the chosen directory to the processes this one launches (DDP ranks > 0), then return it."""
+    if not secondary:
+        os.environ[RUN_DIR_ENV] = run_dir
+    return run_dir, ckpt_path
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -373,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> LitNASCLI:
     default_wandb_mode()
     args = resolve_config_args(sys.argv[1:] if argv is None else argv)
     try:
+        check_config_files(args)
         return LitNASCLI(args=args)
     except SIGTERMException:
         print(
@@ -381,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> LitNASCLI:
         )
         sys.exit(EXIT_SIGTERM)
     except (RunFailure, DataError) as err:
+        release_unused_run_dirs()
         print(f"\nerror: {err}", file=sys.stderr)
         sys.exit(1)
 
@@ -402,6 +465,7 @@ def check_arguments(argvs: Sequence[Sequence[str]]) -> list[str | None]:
             args += ["--run_dir", str(Path(tmp) / str(i)), "--trainer.logger", "false"]
             stderr = io.StringIO()
             try:
+                check_config_files(args)
                 with contextlib.redirect_stderr(stderr), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     LitNASCLI(args=args, run=False, parser_kwargs={"exit_on_error": False})

@@ -4,8 +4,15 @@ Lightning 2.6's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only 
 saves a top-k checkpoint, so with a monitor that stays NaN for the whole search (``val/acc_full``) the file
 stays at epoch 0. This callback owns ``last.ckpt`` instead: it is written every epoch through a temporary
 file and a rename (a crash mid-write leaves the previous one), and also when the run is stopped by
-SIGTERM or Ctrl-C. A checkpoint with non-finite weights is never written
+SIGTERM or Ctrl-C during training (never during the test after fit: the module then holds the best
+checkpoint's weights, not the last epoch's). A checkpoint with non-finite weights is never written
 (``MultiExitModule.on_save_checkpoint`` refuses it), so a diverging run keeps its last good one.
+
+It is a :class:`~lightning.pytorch.callbacks.Checkpoint`, so Lightning runs its epoch-end hook after
+EarlyStopping and after every ``ModelCheckpoint`` listed before it: ``last.ckpt`` then holds the best-model
+tracker of the same epoch (a resume tests the same best checkpoint as a run that was never stopped). Add it
+to a trainer after the trainer is built (as the CLI does): given to ``Trainer(callbacks=...)`` it would
+stand in for the default ``ModelCheckpoint`` and clash with ``enable_checkpointing=False``.
 
 The CLI adds it to every run (``runs/<name>/checkpoints/last.ckpt``); ``--ckpt_path last`` resumes it.
 """
@@ -16,14 +23,15 @@ import os
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lit_nas.runs import LAST, RunFailure, replace_atomically
 
 
-class LastCheckpoint(Callback):
+class LastCheckpoint(Checkpoint):
     """Write ``dirpath/last.ckpt`` at the end of every training epoch and when the run is interrupted.
 
     Args:
@@ -60,8 +68,11 @@ class LastCheckpoint(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         # a scheduler's SIGTERM or Ctrl-C: keep the progress since the last epoch end; any other failure
-        # (a NaN, a bug) leaves the last good checkpoint as it is
+        # (a NaN, a bug) leaves the last good checkpoint as it is, and so does a stop outside training (the
+        # test after fit runs on the best checkpoint's weights, which are not the last epoch's)
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.fast_dev_run:
+            return
+        if trainer.state.fn != TrainerFn.FITTING or not trainer.training:
             return
         try:
             self.save(trainer)

@@ -18,12 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 import lit_nas  # noqa: F401  (first: makes torchvision importable next to a CPU torch)
 from device_bench.runners import RUNNERS, BenchSettings, make_runner
 from lit_nas.arch import ArchSpec, DataShape
 from lit_nas.nets.recipe import NetConfig
+from lit_nas.yamlfile import load_yaml
 
 DATA = {"fashion_mnist": "lit_nas.data.FashionMNISTDataModule", "cifar10": "lit_nas.data.CIFAR10DataModule"}
 
@@ -44,7 +43,9 @@ def spec_from_args(args: argparse.Namespace) -> ArchSpec:
     from lit_nas_cli import resolve_config_args
 
     path = resolve_config_args(["--config", args.config])[1]
-    config = yaml.safe_load(Path(path).read_text())
+    config = load_yaml(path, "config")
+    if not isinstance(config, dict):
+        raise ValueError(f"config {path} must be a mapping of keys; it holds a {type(config).__name__}")
     model = config.get("model", {}).get("init_args", {})
     if model.get("arch_spec"):
         return ArchSpec.load(model["arch_spec"])

@@ -296,10 +296,17 @@ class ArchSpec:
     @classmethod
     def load(cls, path: str | Path) -> ArchSpec:
         """Read a spec written by :meth:`save`."""
+        from lit_nas.yamlfile import load_yaml
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ArchSpec file {str(path)!r} does not exist")
-        return cls.from_dict(yaml.safe_load(path.read_text()))  # YAML is a superset of JSON
+        # YAML is a superset of JSON; an architecture never needs aliases (a file with them is refused)
+        data = load_yaml(path, "architecture file", aliases=False)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"architecture file {path}: {err}") from err
 
 
 def _check_cell(i: int, c: CellSpec, prev: int) -> None:

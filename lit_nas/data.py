@@ -477,15 +477,53 @@ class CIFAR10DataModule(ImageDataModule):
         return arrays
 
 
+#: the only globals a CIFAR-10 batch pickle refers to (a numpy array, and Python 2 strings as bytes)
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds and nothing else.
+
+    Any other global (a function a crafted file would call, such as ``os.system``) is refused before it is
+    looked up.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """The contents of one CIFAR-10 batch file, read without running any code the file may carry.
+
+    Raises:
+        pickle.UnpicklingError: the file refers to anything but a numpy array and strings.
+    """
+    with open(path, "rb") as f:
+        return _CifarUnpickler(f, encoding="latin1").load()
+
+
 def _bad_cifar_file(folder: Path) -> str:
-    """Which CIFAR-10 batch file is unreadable or inconsistent, and how."""
+    """Which CIFAR-10 batch file is unreadable or inconsistent, and how.
+
+    These files failed torchvision's checks, so they are read by :func:`read_cifar_batch` alone, never by a
+    plain unpickler.
+    """
     from torchvision.datasets import CIFAR10
 
     for name, _ in CIFAR10.train_list + CIFAR10.test_list:
         path = folder / name
         try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+            entry = read_cifar_batch(path)
             images, labels = entry["data"], entry.get("labels", entry.get("fine_labels"))
         except Exception as err:
             return f"{path} is corrupt or truncated ({type(err).__name__}: {err}); extract it again"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,41 @@ class SignalAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.Signals(self.signum))
+
+
+class SignalInTest(Callback):
+    """Send this process ``signum`` at the start of test batch ``batch`` (the test after fit)."""
+
+    def __init__(self, signum: int = 9, batch: int = 0) -> None:
+        self.signum, self.batch = signum, batch
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), signal.Signals(self.signum))
+
+
+class RecordBest(Callback):
+    """Append ``[epoch, best checkpoint's file name]`` to ``path`` (JSON lines) after every epoch's
+    checkpointing: which epochs made a new best."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    # read at the next epoch's start: a plain callback's epoch end runs before the ModelCheckpoint's
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._write(trainer, trainer.current_epoch - 1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer, trainer.current_epoch - 1)
+
+    def _write(self, trainer, epoch: int) -> None:
+        if epoch < 0:
+            return
+        from lit_nas.runs import monitoring_checkpoint
+
+        best = Path(monitoring_checkpoint(trainer).best_model_path or "").name
+        with self.path.open("a") as f:
+            f.write(json.dumps([epoch, best]) + "\n")
 
 
 class DumpMasks(Callback):

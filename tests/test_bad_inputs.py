@@ -420,3 +420,28 @@ def test_truncated_gz_and_mismatch_name_the_file_not_a_reshape(tmp_path):
     assert str(path) in str(info.value)
     with gzip.open(root / "t10k-labels-idx1-ubyte.gz") as f:
         assert len(f.read()) == 8 + 4
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: it creates the marker file if code runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_cifar_batch_that_fails_its_checksum_is_never_unpickled(tmp_path):
+    """A batch file that fails the MD5 check is read only by the restricted unpickler: its code never runs."""
+    root = tmp_path / "cifar"
+    write_tiny_cifar10(root)
+    marker = tmp_path / "code-ran"
+    with open(root / "cifar-10-batches-py" / FILES[0], "wb") as f:
+        pickle.dump({"data": _Payload(marker), "labels": []}, f, protocol=2)
+    with pytest.raises(Exception) as info:
+        CIFAR10DataModule(root=str(root), download=False).prepare_data()
+    assert not marker.exists(), "unpickling the crafted file ran its code"
+    assert type(info.value).__name__ == "DataFileError"
+    assert f"{FILES[0]} is corrupt or truncated" in str(info.value)
+    assert re.search(r"refers to \S*open, which a CIFAR-10 batch never holds", str(info.value))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from pathlib import Path
 
@@ -159,3 +161,139 @@ def test_ddp_through_train_py_with_growing_and_snip_gives_identical_masks(tmp_pa
     for k in r0["weights"]:
         assert_close(r0["weights"][k], r1["weights"][k], msg=k)
     assert (tmp_path / "runs" / "tiny_snip" / "lit_nas_config.yaml").is_file()
+
+
+# -- a resume tests the same checkpoint and writes the same summary as a run never stopped ---------------
+TINY_BEST = str(REPO_ROOT / "tests" / "configs" / "tiny_best.yaml")
+
+
+def summary(run: Path) -> dict:
+    """``summary.json`` without the clocks and the command line; files by their place in the run directory."""
+    s = json.loads((run / "summary.json").read_text())
+    s.pop("wall_s"), s.pop("cpu_s"), s.pop("overrides")
+    s["checkpoint"] = "/".join(Path(s["checkpoint"]).parts[-2:]) if s["checkpoint"] else None
+    for key in ("found_arch", "found_masks"):
+        s[key] = Path(s[key]).name if s[key] else None
+    return s
+
+
+def test_a_run_killed_after_a_new_best_or_in_its_test_resumes_to_the_same_summary(tmp_path):
+    """SIGKILL in the epoch after a new best, SIGKILL and SIGTERM in the test after fit: each resumed run
+    tests the same best checkpoint and writes the summary of the run that was never stopped."""
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    trace = tmp_path / "best.jsonl"
+    ok = train(
+        straight,
+        "--config",
+        TINY_BEST,
+        "--trainer.callbacks+=tests.run_helpers.RecordBest",
+        f"--trainer.callbacks.path={trace}",
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    run = straight / "runs" / "tiny_best"
+    expected = summary(run)
+    bests = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert expected["tested"] and expected["checkpoint"] == f"checkpoints/{bests[-1][1]}"
+    # the last epoch that made a new best, and a kill in the epoch after it
+    new_best = max(e for (e, name), (_, before) in zip(bests[1:], bests) if name != before)
+    assert new_best + 1 < len(bests), "the config must make its last new best before its last epoch"
+
+    stops = {
+        "epoch after a new best": kill_at(epoch=new_best + 1, signum=9),
+        "sigkill in the test": ["--trainer.callbacks+=tests.run_helpers.SignalInTest"],
+        "sigterm in the test": [
+            "--trainer.callbacks+=tests.run_helpers.SignalInTest",
+            "--trainer.callbacks.signum=15",
+        ],
+    }
+    for what, stop in stops.items():
+        cwd = tmp_path / what.replace(" ", "_")
+        cwd.mkdir()
+        stopped = train(cwd, "--config", TINY_BEST, *stop)
+        assert stopped.returncode in (-signal.SIGKILL, 143), (what, stopped.stderr[-3000:])
+        last = cwd / "runs" / "tiny_best" / "checkpoints" / "last.ckpt"
+        if "test" in what:  # fit ended: last.ckpt is the last epoch's, whatever the test was doing
+            assert ckpt_epoch(last) == len(bests) - 1, what
+            a, b = weights(run / "checkpoints" / "last.ckpt"), weights(last)
+            assert all(torch.equal(a[k], b[k]) for k in a), f"{what}: last.ckpt is not the last epoch's"
+        resumed = train(cwd, "--config", TINY_BEST, "--ckpt_path", "last")
+        assert resumed.returncode == 0, (what, resumed.stderr[-3000:])
+        assert summary(cwd / "runs" / "tiny_best") == expected, what
+
+    # a finished run whose best checkpoint is gone: one message naming it, no traceback
+    (run / expected["checkpoint"]).unlink()
+    gone = train(straight, "--config", TINY_BEST, "--ckpt_path", "last")
+    assert gone.returncode == 1
+    assert f"the best checkpoint of this run, runs/tiny_best/{expected['checkpoint']}, is gone" in gone.stderr
+    assert "Traceback" not in gone.stderr
+
+
+# -- runs started together never share a directory ---------------------------------------------------------
+def test_three_runs_of_one_config_started_together_get_three_directories(tmp_path):
+    """Started in one shell loop, each claims its directory as it chooses it; none loses its results."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO_ROOT)}
+    args = [
+        "--config",
+        TINY_SNIP,
+        "--growing",
+        "null",
+        "--trainer.max_epochs",
+        "1",
+        "--test_after_fit",
+        "false",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "train.py"), "fit", *args, "--seed_everything", str(seed)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in range(3)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for e in errors]
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["tiny_snip", "tiny_snip_1", "tiny_snip_2"]
+    seeds = sorted(json.loads((tmp_path / "runs" / r / "summary.json").read_text())["seed"] for r in runs)
+    assert seeds == [0, 1, 2], "a run's summary.json was overwritten by another's"
+    for r in runs:
+        assert (tmp_path / "runs" / r / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_directory_held_by_a_live_process_is_refused_and_a_dead_holder_releases_it(tmp_path):
+    import subprocess
+    import sys
+
+    held = tmp_path / "held"
+    code = (
+        "import sys, time; from lit_nas.runs import claim_run_dir; claim_run_dir(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(held)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for ckpt_path in (None, "last"):
+            with pytest.raises(
+                RunFailure,
+                match=rf"run directory {held} is in use by another running process \(.* pid {holder.pid}\)",
+            ):
+                resolve_run(str(held), ckpt_path, "cfg")
+        # an empty directory held by another process is skipped when a new one is chosen
+        assert new_run_dir(tmp_path, "held", claim=True) == tmp_path / "held_1"
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel dropped the dead process's lock: the directory can be claimed again
+    assert resolve_run(str(held), None, "cfg") == (str(held), None)
+    with pytest.raises(RunFailure, match="--run_dir is empty"):
+        resolve_run("", None, "cfg")

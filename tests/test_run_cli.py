@@ -154,7 +154,9 @@ def test_synthetic_data_defaults_hold_through_the_cli(tmp_path, monkeypatch):
 
 
 # -- PublishBest: a teacher is only ever replaced by a better one ------------------------------------------
-def publish_run(tmp_path: Path, name: str, target: Path, lr: float = 0.05):
+def publish_run(
+    tmp_path: Path, name: str, target: Path, lr: float = 0.05, monitor: str = "val/acc", mode: str = "max"
+):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lit_nas import MultiExitModule, NetConfig
@@ -163,8 +165,8 @@ def publish_run(tmp_path: Path, name: str, target: Path, lr: float = 0.05):
 
     dm = tiny_data()
     model = MultiExitModule(net=NetConfig(**TINY), data_shape=dm.data_shape, optimizer=OptimizerConfig(lr=lr))
-    publish = PublishBest(str(target))
-    ckpt = ModelCheckpoint(dirpath=tmp_path / name, monitor="val/acc", mode="max")
+    publish = PublishBest(str(target), mode=mode)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / name, monitor=monitor, mode=mode)
     trainer = tiny_trainer(
         tmp_path / name, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt, publish]
     )
@@ -191,6 +193,25 @@ def test_publish_best_writes_only_a_better_teacher(tmp_path):
         publish_run(tmp_path, "c", target, lr=1e8)
     assert target.read_bytes() == good
     assert not list(target.parent.glob(".*tmp*"))
+
+
+def test_publish_best_never_compares_scores_of_two_monitors(tmp_path, capsys):
+    """A teacher published for val/acc (max) is not replaced by a run whose val/loss (min) is lower."""
+    target = tmp_path / "teachers" / "t" / "best.ckpt"
+    first, _ = publish_run(tmp_path, "a", target)
+    assert first.outcome == "published"
+    good = target.read_bytes()
+    record = target.with_name("best.ckpt.json")
+    record.write_text(record.read_text().replace(f'"score": {first.published_score()}', '"score": 50.0'))
+    other, ckpt = publish_run(tmp_path, "b", target, monitor="val/loss", mode="min")
+    assert float(ckpt.best_model_score) < 50.0  # "better" if compared as numbers
+    assert other.outcome == "kept" and target.read_bytes() == good
+    assert "published for val/acc (max), this run monitors val/loss (min)" in capsys.readouterr().out
+    # a record that is not one is named, and the published checkpoint stays
+    target.with_name("best.ckpt.json").write_text("[1, 2]")
+    third, _ = publish_run(tmp_path, "c", target)
+    assert third.outcome == "kept" and target.read_bytes() == good
+    assert "best.ckpt.json is not a score record" in capsys.readouterr().out
 
 
 def test_a_setting_refused_at_fit_start_is_one_message_and_exit_1(tmp_path):

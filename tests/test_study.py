@@ -105,12 +105,86 @@ def _read_csv(path: Path) -> list[dict]:
         ({"series": "snip.mode"}, "series 'snip.mode' is not a key of every grid"),
         ({"baselines": {"plain": {"width_multiplier": [0.5]}}}, "'width_multiplier'"),
         ({"search_cost": {"seeds": [7]}}, "search_cost must be"),
+        ({"seeds": [True, 1]}, "seeds must be a non-empty list of integers; got [True, 1]"),
+        (
+            {"baselines": {"../../outside": {"width_multipliers": [0.5]}}},
+            "'../../outside' is not a plain name",
+        ),
+        ({"baselines": {"/tmp/abs": {"width_multipliers": [0.5]}}}, "'/tmp/abs' is not a plain name"),
+        ({"baselines": ["plain"]}, "baselines must map names to families"),
+        (
+            {"grid": {"a.b": list(range(200)), "c.d": list(range(100))}},
+            "20000 points x 2 seeds = 40000 trials",
+        ),
     ],
 )
 def test_a_bad_spec_is_refused_naming_the_value(tmp_path, fields, message):
     fields.setdefault("grid", {"fisher.target_fraction": [0.7]})
     with pytest.raises(StudySpecError, match=re.escape(message)):
         StudySpec.load(write_spec(tmp_path, **fields))
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/escape", ".hidden", "a/b", "x" * 101])
+def test_a_study_name_that_is_a_path_is_refused_and_nothing_is_written(tmp_path, name):
+    spec = tmp_path / "spec.yaml"
+    fields = {"config": TINY, "grid": {"fisher.target_fraction": [0.7]}, "name": name}
+    spec.write_text(yaml.safe_dump(fields))
+    with pytest.raises(StudySpecError, match="is not a plain name"):
+        StudySpec.load(spec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_every_path_a_study_writes_lies_under_its_roots(tmp_path):
+    from lit_nas.study.spec import within
+
+    spec = tiny_spec(tmp_path)
+    study = Study(spec, **{k.replace("_root", "") + "_root": v for k, v in roots(tmp_path).items()})
+    for t in spec.trials():
+        assert study.record_path(t).resolve().is_relative_to((tmp_path / "results").resolve())
+        assert Path(study.job(t, 1, None).run_dir).resolve().is_relative_to((tmp_path / "runs").resolve())
+    with pytest.raises(StudySpecError, match="lies outside"):
+        within(tmp_path / "results", "..", "x")
+    spec.name = "../escape"  # a spec changed after it was checked is still caught where paths are made
+    with pytest.raises(StudySpecError, match="lies outside"):
+        Study(spec, **roots(tmp_path))
+
+
+def test_unreadable_specs_and_records_are_named_and_a_study_goes_on(tmp_path, capsys):
+    from lit_nas.study.__main__ import main
+
+    bad = tmp_path / "binary.yaml"
+    bad.write_bytes(b"\x80\x81 secret-token")
+    assert main(["status", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"study spec {bad} is not a text file" in err and "secret-token" not in err
+    listy = tmp_path / "listy.yaml"
+    listy.write_text("- a\n- b\n")
+    assert main(["status", str(listy)]) == 2
+    assert "must be a mapping; got list" in capsys.readouterr().err
+    # a config that is not one: named, never echoed
+    notcfg = tmp_path / "notcfg.yaml"
+    notcfg.write_text("[1, 2, password123]")
+    with pytest.raises(StudySpecError, match=f"config {notcfg} must be a mapping") as info:
+        tiny_spec(tmp_path, config=str(notcfg))
+    assert "password123" not in str(info.value)
+    # records: one not an object, one not UTF-8; status counts them as left and names them
+    spec_path = write_spec(tmp_path, grid={"fisher.target_fraction": [0.7]}, baselines={})
+    spec = StudySpec.load(spec_path)
+    study = Study(spec, **roots(tmp_path))
+    t0, t1 = spec.trials()[:2]
+    for t, content in ((t0, b"[1, 2]"), (t1, b"\xff\xfe{")):
+        study.record_path(t).parent.mkdir(parents=True, exist_ok=True)
+        study.record_path(t).write_bytes(content)
+    args = ["--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
+    assert main(["status", str(spec_path), *args]) == 0
+    out = capsys.readouterr()
+    assert "0 done, 0 failed, 2 left of 2" in out.out
+    assert f"{study.record_path(t0)} is not a trial record" in out.err
+    assert f"{study.record_path(t1)} is not UTF-8 text" in out.err
+    # run: a bad timeout is refused before anything runs
+    for timeout in ("0", "-5", "nan"):
+        assert main(["run", str(spec_path), *args, "--timeout", timeout]) == 2
+        assert "timeout must be a positive number of seconds" in capsys.readouterr().err
 
 
 def test_trials_whose_settings_are_refused_fail_before_any_trial_runs(tmp_path):

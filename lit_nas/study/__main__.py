@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{spec.name}: {done} done, {failed} failed, {len(trials) - done - failed} left "
                 f"of {len(trials)}"
             )
+            for why in study.unreadable.values():
+                print(f"warning: {why} (counted as left; 'run' reruns its trial)", file=sys.stderr)
     except StudySpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lit_nas.study.spec import REPO_ROOT, SEARCH, StudySpec, StudySpecError, Trial
+from lit_nas.study.spec import REPO_ROOT, SEARCH, StudySpec, StudySpecError, Trial, within
 
 RESULTS_ROOT = REPO_ROOT / "studies" / "results"
 RUNS_ROOT = REPO_ROOT / "runs" / "studies"
@@ -102,10 +102,28 @@ def _normal_priority() -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; ``None`` when it is missing or holds anything else."""
+    return read_record(path)[0]
+
+
+def read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(object, None)`` for a file holding a record; ``(None, why)`` otherwise.
+
+    ``why`` names the file and what is wrong with it; it is ``None`` for a missing file.
+    """
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, None
+    except UnicodeDecodeError as err:
+        return None, f"{path} is not UTF-8 text (byte {err.start})"
+    except json.JSONDecodeError as err:
+        return None, f"{path} is not JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+    except OSError as err:
+        return None, f"{path} cannot be read ({err.strerror})"
+    if not isinstance(data, dict) or (path.name != "summary.json" and "status" not in data):
+        return None, f"{path} is not a trial record (a JSON object with a status)"
+    return data, None
 
 
 def _last_error(log: Path) -> str:
@@ -124,20 +142,29 @@ class Study:
         self, spec: StudySpec, results_root: Path = RESULTS_ROOT, runs_root: Path = RUNS_ROOT
     ) -> None:
         self.spec = spec
-        self.results = results_root / spec.name / "trials"
-        self.runs = runs_root / spec.name
+        # names are checked in the spec; this proves it for every path the study writes
+        self.results = within(results_root, spec.name, "trials")
+        self.runs = within(runs_root, spec.name)
+        #: records that could not be read, by path, with the reason (they count as not finished)
+        self.unreadable: dict[Path, str] = {}
 
     def record_path(self, trial: Trial) -> Path:
         """Where the record of ``trial`` is kept."""
-        return self.results / f"{trial.id}.json"
+        return within(self.results, f"{trial.id}.json")
 
     def record(self, trial: Trial) -> dict[str, Any] | None:
-        """The record of ``trial``, or ``None`` when it has not finished."""
-        return _read_json(self.record_path(trial))
+        """The record of ``trial``, or ``None`` when it has not finished (or its record is unreadable)."""
+        return self._read(self.record_path(trial))
 
     def records(self) -> list[dict[str, Any]]:
-        """Every record, each with its trial's ``family``, ``point`` and ``seed``."""
-        return [r for r in (_read_json(p) for p in sorted(self.results.rglob("*.json"))) if r is not None]
+        """Every readable record, each with its trial's ``family``, ``point`` and ``seed``."""
+        return [r for r in (self._read(p) for p in sorted(self.results.rglob("*.json"))) if r is not None]
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        record, why = read_record(path)
+        if why is not None:
+            self.unreadable[path] = why
+        return record
 
     def save(self, trial: Trial, record: dict[str, Any]) -> None:
         """Write ``record`` atomically (a killed driver leaves either no record or a whole one)."""
@@ -153,7 +180,7 @@ class Study:
         return Job(
             trial_id=trial.id,
             args=trial.args,
-            run_dir=str(self.runs / trial.id),
+            run_dir=str(within(self.runs, trial.id)),
             python=sys.executable,
             train_py=str(REPO_ROOT / "train.py"),
             cwd=str(REPO_ROOT),
@@ -254,6 +281,8 @@ def run_study(
         raise StudySpecError(f"engine must be one of {list(ENGINES)}; got {engine!r}")
     if jobs < 1:
         raise StudySpecError(f"jobs must be >= 1; got {jobs}")
+    if timeout_s is not None and not timeout_s > 0:  # also refuses NaN
+        raise StudySpecError(f"timeout must be a positive number of seconds; got {timeout_s}")
     study = Study(spec, results_root, runs_root)
     trials = spec.trials()
 
@@ -266,6 +295,8 @@ def run_study(
         return out_
 
     first = pending(trials)
+    for why in study.unreadable.values():
+        out(f"[{spec.name}] warning: {why}; its trial runs again and the record is rewritten")
     if check and first:  # what will run (a resume does not rebuild the finished trials' settings)
         check_trials(first)
 

@@ -36,14 +36,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lit_nas.validation import check_choice
+from lit_nas.yamlfile import YamlFileError, load_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -72,6 +73,33 @@ CONFIG = "config"
 
 class StudySpecError(ValueError):
     """A study spec that cannot run; the message names the bad value."""
+
+
+#: what a study's or a baseline family's name may be: it becomes a directory under the study's roots
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+#: the most trials a spec may expand into (a typo such as a list of 10,000 values fails before expansion)
+MAX_TRIALS = 10_000
+
+
+def check_name(what: str, name: Any, path: Path) -> str:
+    """``name`` if it is one plain path component (letters, digits, ``._-``; no ``/``, ``..``, leading dot).
+
+    Specs are shared: a name such as ``../x`` or ``/tmp/x`` would make the study write outside its roots.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise StudySpecError(
+            f"study spec {path}: {what} {name!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+            "(no '/', no '..', not starting with '.'), at most 100 characters"
+        )
+    return name
+
+
+def within(root: Path, *parts: str) -> Path:
+    """``root/parts...``, proven to lie under ``root`` (a :class:`StudySpecError` otherwise)."""
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise StudySpecError(f"{path} lies outside {root}: a study writes under its roots only")
+    return path
 
 
 @dataclass(frozen=True)
@@ -167,7 +195,10 @@ class StudySpec:
         path = Path(path)
         if not path.is_file():
             raise StudySpecError(f"study spec {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = load_yaml(path, "study spec")
+        except YamlFileError as err:
+            raise StudySpecError(str(err)) from None
         if not isinstance(data, dict):
             raise StudySpecError(f"study spec {path} must be a mapping; got {type(data).__name__}")
         return cls.from_dict(data, path)
@@ -180,12 +211,19 @@ class StudySpec:
         if "config" not in data:
             raise StudySpecError(f"study spec {path}: 'config' (the base config) is required")
         config = resolve_config(str(data["config"]))
+        load_config(config)  # a file that is not a config fails now, naming it
         subgrids = _grids(data.get("grid"), path)
         for sub, _ in subgrids:
             for name in sub.get(CONFIG, []):
                 resolve_config(str(name))  # fails now, naming the config, not when its trial starts
+        name = check_name("name", data.get("name") or path.stem, path)
         seeds = data.get("seeds", [0])
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        # bool is an int in Python: `seeds: [true]` would run seed 1 under the name True
+        if (
+            not isinstance(seeds, list)
+            or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        ):
             raise StudySpecError(
                 f"study spec {path}: seeds must be a non-empty list of integers; got {seeds!r}"
             )
@@ -211,13 +249,26 @@ class StudySpec:
         if cpus <= 0 or gpus < 0:
             raise StudySpecError(f"study spec {path}: resources need cpus > 0 and gpus >= 0; got {resources}")
         families = []
-        for name, fam in (data.get("baselines") or {}).items():
-            families.append(_family(str(name), fam or {}, path))
+        baselines = data.get("baselines") or {}
+        if not isinstance(baselines, dict):
+            raise StudySpecError(
+                f"study spec {path}: baselines must map names to families; got {baselines!r}"
+            )
+        for family, fam in baselines.items():
+            families.append(_family(check_name("baseline family name", family, path), fam or {}, path))
+        points = sum(math.prod(len(v) for v in sub.values()) for sub, _ in subgrids)
+        for fam in families:
+            points += math.prod(len(v) for v in fam.grid.values()) * max(1, len(fam.width_multipliers or []))
+        if points * len(seeds) > MAX_TRIALS:
+            raise StudySpecError(
+                f"study spec {path}: {points} points x {len(seeds)} seeds = {points * len(seeds)} trials, "
+                f"over the {MAX_TRIALS} a study may have; is a list longer than you meant?"
+            )
         overrides = data.get("overrides") or {}
         if not isinstance(overrides, dict):
             raise StudySpecError(f"study spec {path}: overrides must be a mapping; got {overrides!r}")
         return cls(
-            name=str(data.get("name") or path.stem),
+            name=name,
             path=path,
             config=config,
             overrides=dict(overrides),
@@ -318,7 +369,7 @@ class StudySpec:
         """Whether the trials log to W&B (the base config's logger, unless the overrides change it)."""
         if "trainer.logger" in self.overrides:
             return False
-        data = yaml.safe_load(self.config.read_text()) or {}
+        data = load_config(self.config)
         logger = (data.get("trainer") or {}).get("logger")
         return isinstance(logger, dict) and "WandbLogger" in str(logger.get("class_path", ""))
 
@@ -327,7 +378,7 @@ class StudySpec:
 
         A width multiplier overrides the whole net recipe, so it must start from every override of it.
         """
-        data = yaml.safe_load(self.config.read_text()) or {}
+        data = load_config(self.config)
         net = dict(((data.get("model") or {}).get("init_args") or {}).get("net") or {})
         for key, value in [*self.overrides.items(), *(extra or {}).items()]:
             if key == NET and isinstance(value, Mapping):
@@ -335,6 +386,17 @@ class StudySpec:
             elif key.startswith(NET + "."):
                 net[key[len(NET) + 1 :]] = value
         return net
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """A training config's YAML: a mapping (``{}`` for an empty file); :class:`StudySpecError` otherwise."""
+    try:
+        data = load_yaml(path, "config")
+    except YamlFileError as err:
+        raise StudySpecError(str(err)) from None
+    if data is not None and not isinstance(data, dict):
+        raise StudySpecError(f"config {path} must be a mapping of keys; it holds a {type(data).__name__}")
+    return data or {}
 
 
 def resolve_config(name: str) -> Path:
