@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -42,6 +41,7 @@ from lit_nas.runs import (
     RUN_DIR_ENV,
     RunFailure,
     best_checkpoint,
+    check_checkpoint,
     checkpoint_dir,
     claim_run_dir,
     last_checkpoint,
@@ -237,6 +237,10 @@ class LitNASCLI(LightningCLI):
     # -- run directory and resume ------------------------------------------------------------------------
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
+        if subcommand in ("test", "validate", "predict"):
+            path = self.config[subcommand].get("ckpt_path")
+            if path and path not in ("best", "last", "hpc", "registry"):
+                check_checkpoint(path, {"test": "tested", "validate": "validated"}.get(subcommand, "used"))
         if subcommand in ("fit", None):  # None: built with run=False, to fit by hand
             config = self.config[subcommand] if subcommand else self.config
             config.run_dir, ckpt_path = resolve_run(
@@ -405,12 +409,7 @@ def warn_changed_settings(config: Any, ckpt_path: str) -> list[str]:
     The checkpoint's values are used (Lightning restores them, and its weights, optimizer state and schedule
     belong to them): a resume continues the saved run exactly. Returns the warning's lines.
     """
-    if not Path(ckpt_path).is_file():
-        return []
-    try:
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-    except Exception as err:
-        raise RunFailure(f"cannot read checkpoint {ckpt_path}: {err}") from err
+    saved = check_checkpoint(ckpt_path, "resumed").get("hyper_parameters", {})
     model = config.get("model")
     given = _flat(model.get("init_args", {}) if model is not None else {})
     stored = _flat({k: v for k, v in saved.items() if not k.startswith("_")})

@@ -28,6 +28,7 @@ from typing_extensions import override
 from callbacks.artifacts import log_picture
 from callbacks.distributed import all_reduce_sum, check_strategy, is_ddp
 from callbacks.luts import check_covers, load_lut
+from callbacks.searches import refuse_two_searches
 from lit_nas.cost import CostReport, channel_flops, count_costs
 from lit_nas.fisher import FisherAccumulator, select_channels
 from lit_nas.gates import attach_gates, close_channels, gated_groups
@@ -127,6 +128,8 @@ class FisherPruning(Callback):
     # -- lifecycle ----------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_two_searches(trainer, "FisherPruning")
         module = require_nas_module(pl_module, _WHO)
         check_covers(_WHO, self.lut, module.arch_spec)
         if stage == "fit":

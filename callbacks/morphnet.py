@@ -29,6 +29,7 @@ from typing_extensions import override
 from callbacks.artifacts import log_picture
 from callbacks.distributed import check_strategy, is_ddp, rewrap_ddp
 from callbacks.luts import check_covers, load_lut
+from callbacks.searches import refuse_two_searches
 from lit_nas.cost import channel_flops, spec_cost
 from lit_nas.gates import attach_gates, close_channels, gated_groups
 from lit_nas.latency import LatencyLUT, channel_latency
@@ -159,6 +160,8 @@ class MorphNet(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_two_searches(trainer, "MorphNet")
         module = require_nas_module(pl_module, _WHO)
         check_covers(_WHO, self.lut, module.arch_spec)
         if stage == "fit":  # before configure_optimizers, as on a resume: the gates are frozen masks

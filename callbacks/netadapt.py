@@ -26,6 +26,7 @@ from typing_extensions import override
 from callbacks.artifacts import log_picture, write_found
 from callbacks.distributed import check_strategy, is_ddp, rewrap_ddp
 from callbacks.luts import check_covers, load_lut
+from callbacks.searches import refuse_two_searches
 from lit_nas.cost import MEASURES, spec_cost
 from lit_nas.latency import LatencyLUT
 from lit_nas.netadapt import (
@@ -171,6 +172,8 @@ class NetAdapt(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_two_searches(trainer, "NetAdapt")
         module = require_nas_module(pl_module, _WHO)
         check_covers(_WHO, self.lut, module.arch_spec)
 

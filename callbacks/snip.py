@@ -27,6 +27,7 @@ from typing_extensions import override
 from callbacks.artifacts import log_picture, write_found
 from callbacks.distributed import check_strategy, rewrap_ddp
 from callbacks.luts import check_covers, load_lut
+from callbacks.searches import refuse_two_searches
 from lit_nas.gates import attach_gates, close_channels, remove_gates
 from lit_nas.latency import LatencyLUT
 from lit_nas.masks import connectivity_map, kept_count
@@ -224,6 +225,8 @@ class SnipPruning(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_two_searches(trainer, "SnipPruning")
         module = require_nas_module(pl_module, "SnipPruning")
         if stage != "fit":
             return

@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from callbacks.artifacts import log_picture
 from callbacks.distributed import broadcast_tensors, check_strategy, rewrap_ddp
+from callbacks.searches import refuse_two_searches
 from lit_nas.gates import attach_gates, gated_groups
 from lit_nas.masks import mask_optimizer_state
 from lit_nas.plots import live_heatmap
@@ -131,6 +132,8 @@ class SwitchL1(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            refuse_two_searches(trainer, "SwitchL1")
         module = require_nas_module(pl_module, _WHO)
         if stage != "fit":
             return

@@ -39,6 +39,9 @@ def spec_from_args(args: argparse.Namespace) -> ArchSpec:
     if args.arch:
         return ArchSpec.load(args.arch)
     if args.ckpt:
+        from lit_nas.runs import check_checkpoint
+
+        check_checkpoint(args.ckpt, "measured")
         return MultiExitModule.spec_from_checkpoint(args.ckpt)
     from lit_nas_cli import resolve_config_args
 
@@ -126,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from device_bench.export import export_tflite
         from lit_nas.module import MultiExitModule
+        from lit_nas.runs import check_checkpoint
 
+        check_checkpoint(args.ckpt, "exported")
         module = MultiExitModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
         calib = None
         if "int8" in args.precisions:
@@ -170,5 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with a refused input reported as one line (``LIT_NAS_TRACEBACK=1`` shows where)."""
+    import os
+
+    from lit_nas.runs import RunFailure
+
+    try:
+        return main(argv)
+    except (RunFailure, ValueError, FileNotFoundError) as err:
+        if os.environ.get("LIT_NAS_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -114,6 +114,15 @@ def _check_models(models: Sequence[str | Path]) -> list[Path]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"model files not found: {missing}")
+    # a TFLite flatbuffer starts with its root offset and the identifier "TFL3" at bytes 4..8
+    for p in paths:
+        with p.open("rb") as f:
+            head = f.read(8)
+        if len(head) < 8 or head[4:8] != b"TFL3":
+            what = (
+                "is empty" if not head else f"is not a TFLite model ({len(head)}+ bytes, no TFL3 identifier)"
+            )
+            raise ValueError(f"model file {p} {what}; export it again (python -m device_bench export)")
     names = [model_name(p) for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"model names (file names without .tflite) must be distinct; got {names}")
@@ -211,6 +220,8 @@ class LocalRunner(Runner):
 
 
 _PORT = re.compile(r"^(?P<dest>[^:]+):(?P<port>\d+)$")
+#: what a Host alias or [user@]host[:port] is made of (IPv6 in brackets, a zone after %)
+_HOST = re.compile(r"[A-Za-z0-9._\-@:\[\]%]+")
 
 
 class SSHRunner(Runner):
@@ -237,8 +248,11 @@ class SSHRunner(Runner):
         connect_timeout_s: float = 20.0,
         ssh: str = "ssh",
     ) -> None:
-        if not host or host.startswith("-") or any(c.isspace() for c in host):
-            raise ValueError(f"invalid ssh host {host!r}: give a Host alias or [user@]host[:port]")
+        if not host or host.startswith("-") or not _HOST.fullmatch(host):
+            raise ValueError(
+                f"invalid ssh host {host!r}: give a Host alias or [user@]host[:port] (letters, digits and "
+                "'.-_@:[]%' only: a shell or ssh option character is never passed on)"
+            )
         if timeout_s <= 0 or connect_timeout_s <= 0:
             raise ValueError(f"timeouts must be > 0; got {timeout_s}, {connect_timeout_s}")
         match = _PORT.match(host)

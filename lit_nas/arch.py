@@ -13,6 +13,7 @@ Users rarely write an ArchSpec by hand: :class:`NetConfig` is the short recipe f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,9 @@ class ArchSpec:
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
-        self.cells = [c if isinstance(c, CellSpec) else CellSpec(**c) for c in self.cells]
+        if not isinstance(self.cells, list) or not all(isinstance(c, CellSpec | dict) for c in self.cells):
+            raise ValueError(f"ArchSpec cells must be a list of cell mappings; got {self.cells!r:.200}")
+        self.cells = [c if isinstance(c, CellSpec) else _cell(i, c) for i, c in enumerate(self.cells)]
         self.block_cells = list(self.block_cells)
         self.exits = list(self.exits)
         self.gated = dict(self.gated)
@@ -193,6 +196,9 @@ class ArchSpec:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistency."""
         # the kind is checked by lit_nas.nets.build_net, which owns the registry: this module imports no net
+        _check_types("ArchSpec", self, _SPEC_TYPES)
+        for i, c in enumerate(self.cells):
+            _check_types(f"cell {i}:", c, _CELL_TYPES)
         if self.version != SPEC_VERSION:
             raise ValueError(f"ArchSpec version {self.version} is not supported (expected {SPEC_VERSION})")
         for name in ("in_channels", "input_size", "num_classes", "stem_width", "exit_pool"):
@@ -307,6 +313,69 @@ class ArchSpec:
             return cls.from_dict(data)
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"architecture file {path}: {err}") from err
+
+
+#: the type of every field read from a file: YAML gives a string for ``"16"`` and a float for ``16.5``,
+#: which would otherwise fail later, deep in a layer's constructor (``int`` means a whole number, not a bool)
+_SPEC_TYPES = {
+    "kind": str,
+    "in_channels": int,
+    "input_size": int,
+    "num_classes": int,
+    "stem_width": int,
+    "active_blocks": int,
+    "exit_pool": int,
+    "version": int,
+    "dense": bool,
+    "activation": str,
+    "dropout": float,
+    "block_cells": list[int],
+    "exits": list[bool],
+}
+_CELL_TYPES = {
+    "mid": int,
+    "out": int,
+    "stride": int,
+    "se": int,
+    "kernel": int,
+    "projection": bool,
+    "residual": bool,
+    "op": str,
+}
+
+
+_TYPE_NAMES = {int: "whole number", float: "finite number", bool: "boolean", str: "string"}
+
+
+def _is(value: Any, kind: Any) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is bool or kind is str:
+        return isinstance(value, kind)
+    (item,) = kind.__args__  # list[...]
+    return isinstance(value, list) and all(_is(v, item) for v in value)
+
+
+def _check_types(where: str, obj: Any, types: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first field of ``obj`` whose value is not of its type."""
+    for name, kind in types.items():
+        value = getattr(obj, name)
+        if not _is(value, kind):
+            what = _TYPE_NAMES.get(kind, str(kind))
+            raise ValueError(f"{where} {name} must be a {what}; got {value!r} ({type(value).__name__})")
+
+
+def _cell(i: int, data: dict[str, Any]) -> CellSpec:
+    known = {f.name for f in fields(CellSpec)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"cell {i}: unknown keys {unknown}; valid keys: {sorted(known)}")
+    try:
+        return CellSpec(**data)
+    except TypeError as err:  # a missing mid or out
+        raise ValueError(f"cell {i}: {err}") from None
 
 
 def _check_cell(i: int, c: CellSpec, prev: int) -> None:

@@ -42,6 +42,40 @@ class DataFileError(DataError, ValueError):
     """A data file is truncated, corrupt or inconsistent with its companion (images vs labels)."""
 
 
+def check_split(name: str, x: Tensor, y: Tensor, shape: DataShape, source: str) -> None:
+    """Raise :class:`DataFileError` naming the split and ``source`` unless the split fits ``shape``.
+
+    Checked where the data is read, before any training: a test label out of range would otherwise fail
+    only after the whole fit.
+
+    Args:
+        name: the split (``FashionMNISTDataModule test set``).
+        x: images ``(N, C, H, W)``.
+        y: integer labels ``(N,)``.
+        shape: what the network is built for.
+        source: the files or function the split came from.
+    """
+    check_pairs(name, x, y, source)
+    expected = (shape.in_channels, shape.input_size, shape.input_size)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise DataFileError(
+            f"{name}: images of shape {tuple(x.shape[1:])} (C, H, W), but the network is built for "
+            f"{expected} ({source})"
+        )
+    if x.is_floating_point() and not bool(x.isfinite().all()):
+        bad = int((~x.isfinite()).flatten(1).any(1).nonzero()[0])
+        raise DataFileError(f"{name}: image {bad} holds NaN or infinite pixels ({source})")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise DataFileError(f"{name}: labels must be integers; got {y.dtype} ({source})")
+    out = (y < 0) | (y >= shape.num_classes)
+    if bool(out.any()):
+        i = int(out.nonzero()[0])
+        raise DataFileError(
+            f"{name}: label {int(y[i])} of sample {i} is outside [0, {shape.num_classes}) "
+            f"({int(out.sum())} such labels; {source})"
+        )
+
+
 def check_pairs(name: str, x: Tensor, y: Tensor, source: str) -> None:
     """Raise :class:`DataFileError` unless ``x`` and ``y`` hold the same, nonzero number of samples."""
     if len(x) != len(y):
@@ -169,8 +203,16 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        if val_size < 0:
-            raise ValueError(f"val_size must be >= 0; got {val_size}")
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+            raise ValueError(f"val_size must be an integer >= 0; got {val_size!r}")
+        if isinstance(crop_pad, bool) or not isinstance(crop_pad, int) or crop_pad < 0:
+            raise ValueError(f"crop_pad must be an integer >= 0; got {crop_pad!r}")
+        # reflect padding needs the padding smaller than the image (and a crop that large is no crop)
+        side = getattr(type(self), "SHAPE", None)
+        if side is not None and augment and crop_pad >= side.input_size:
+            raise ValueError(
+                f"crop_pad={crop_pad} must be smaller than the images ({side.input_size} pixels a side)"
+            )
         if not isinstance(holdout_size, int) or holdout_size < 0:
             raise ValueError(f"holdout_size must be an integer >= 0; got {holdout_size!r}")
         self.batch_size = batch_size
@@ -211,9 +253,21 @@ class ImageDataModule(L.LightningDataModule):
 
     def _checked_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         train_x, train_y, test_x, test_y = self.load_arrays()
-        check_pairs(f"{type(self).__name__} training set", train_x, train_y, "load_arrays")
-        check_pairs(f"{type(self).__name__} test set", test_x, test_y, "load_arrays")
+        source = self.source()
+        check_split(f"{type(self).__name__} training set", train_x, train_y, self.data_shape, source)
+        check_split(f"{type(self).__name__} test set", test_x, test_y, self.data_shape, source)
+        held = self.val_size + self.holdout_size
+        if held >= len(train_y):
+            raise DataFileError(
+                f"val_size={self.val_size} + holdout_size={self.holdout_size} leaves no training data: the "
+                f"training set ({source}) has {len(train_y)} images"
+            )
         return train_x, train_y, test_x, test_y
+
+    def source(self) -> str:
+        """Where the arrays come from, for messages (the files' directory, or ``load_arrays``)."""
+        where = getattr(self, "found_in", None) or getattr(self, "root", None)
+        return str(where) if where else f"{type(self).__name__}.load_arrays"
 
     def setup(self, stage: str | None = None) -> None:
         """Load once, split train/val with a fixed seed, compute the normalisation statistics."""
@@ -409,6 +463,7 @@ class FashionMNISTDataModule(ImageDataModule):
                             f"{list(t[f'{split}_x'].shape)} and {list(t[f'{split}_y'].shape)}"
                         )
                     check_pairs(f"Fashion-MNIST {split} split", t[f"{split}_x"], t[f"{split}_y"], f"{x}, {y}")
+                self.found_in = d
                 return t["train_x"][:, None], t["train_y"].long(), t["test_x"][:, None], t["test_y"].long()
         if self.download and self.root:
             from torchvision.datasets import FashionMNIST

@@ -22,8 +22,10 @@ Pure: numpy, scipy and the ArchSpec. Measuring the tables on a device is ``devic
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,16 +234,96 @@ class LatencyLUT:
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyLUT:
-        """Read tables written by :meth:`save`."""
-        data = json.loads(Path(path).read_text())
+        """Read tables written by :meth:`save`, checked (:func:`check_lut_data`).
+
+        Raises:
+            ValueError: naming the file, the table and the bad value.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"latency table {path} is not JSON ({type(err).__name__}: {err})") from None
+        check_lut_data(data, path)
         return cls(
             data["tables"],
-            data["overhead_ms"],
-            data["sigma"],
-            data["device"],
-            data["settings"],
-            data.get("scale", 1.0),
+            float(data["overhead_ms"]),
+            float(data["sigma"]),
+            data.get("device", {}),
+            data.get("settings", {}),
+            float(data.get("scale", 1.0)),
         )
+
+
+_LAYER_KEY = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_lut_data(data: Any, path: str | Path) -> None:
+    """Refuse a latency table that would drive a search with wrong numbers, naming what is wrong.
+
+    A table with a NaN, a negative latency or an unsorted channel grid interpolates silently to nonsense
+    (``np.interp`` assumes sorted grids), so it is checked when it is read: the keys, the grids (positive,
+    strictly increasing integers; ``cout: [0]`` for one-dimensional tables), the table shapes
+    (``len(cin) x len(cout)``), the milliseconds (finite, >= 0), ``overhead_ms`` (finite, >= 0),
+    ``sigma`` (finite, >= 0) and ``scale`` (finite, > 0).
+
+    Raises:
+        ValueError: naming ``path``, the table and the bad value.
+    """
+    where = f"latency table {path}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object; it holds a {type(data).__name__}")
+    for key in ("tables", "overhead_ms", "sigma"):
+        if key not in data:
+            raise ValueError(f"{where} has no {key!r} (is it a device_bench lut file?)")
+    for key, low, strict in (("overhead_ms", 0.0, False), ("sigma", 0.0, False), ("scale", 0.0, True)):
+        value = data.get(key, 1.0)
+        if not _number(value) or value < low or (strict and value == low):
+            bound = f"> {low:g}" if strict else f">= {low:g}"
+            raise ValueError(f"{where}: {key} must be a finite number {bound}; got {value!r}")
+    tables = data["tables"]
+    if not isinstance(tables, dict) or not tables:
+        raise ValueError(f"{where}: tables must be a non-empty mapping of layer keys to tables")
+    for key, t in tables.items():
+        if not isinstance(key, str) or not _LAYER_KEY.fullmatch(key):
+            raise ValueError(f"{where}: {key!r} is not a layer key (such as 'conv3_s1_r28_relu')")
+        if not isinstance(t, dict):
+            raise ValueError(f"{where}: table {key!r} must be a mapping; got {type(t).__name__}")
+        for grid in ("cin", "cout"):
+            values = t.get(grid)
+            one_d = grid == "cout" and values == [0]
+            if (
+                not isinstance(values, list)
+                or not values
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+                or (not one_d and (min(values) < 1 or any(b <= a for a, b in itertools.pairwise(values))))
+            ):
+                raise ValueError(
+                    f"{where}: table {key!r} {grid} must be a strictly increasing list of positive "
+                    f"integers{' (or [0])' if grid == 'cout' else ''}; got {values!r}"
+                )
+        rows, cols = len(t["cin"]), len(t["cout"])
+        for name in ("ms", "raw_ms"):
+            if name not in t and name == "raw_ms":
+                continue
+            ms = t.get(name)
+            if (
+                not isinstance(ms, list)
+                or len(ms) != rows
+                or not all(isinstance(r, list) and len(r) == cols for r in ms)
+            ):
+                raise ValueError(
+                    f"{where}: table {key!r} {name} must be {rows} x {cols} (len(cin) x len(cout))"
+                )
+            bad = [v for r in ms for v in r if not _number(v) or v < 0]
+            if bad:
+                raise ValueError(
+                    f"{where}: table {key!r} {name} holds {bad[0]!r}: latencies must be finite and >= 0"
+                )
 
 
 def fit_scale(lut: LatencyLUT, specs: Sequence[ArchSpec], measured_ms: Sequence[float]) -> float:

@@ -158,6 +158,38 @@ def first_non_finite(tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]
     return None
 
 
+def check_checkpoint(path: str | Path, purpose: str = "used") -> dict[str, Any]:
+    """Read checkpoint ``path`` (``weights_only``) and refuse one that cannot be what it is used for.
+
+    Args:
+        path: the file.
+        purpose: what it is for, in the message (``"tested"``, ``"resumed"``, ``"exported"``).
+
+    Raises:
+        RunFailure: naming the file: missing, not a checkpoint (truncated, another format), without weights,
+            or with non-finite weights (every number measured from it would be meaningless).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunFailure(f"checkpoint {path} does not exist (or is not a file), so it cannot be {purpose}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RunFailure(
+            f"cannot read checkpoint {path}: it is truncated or not a checkpoint ({type(err).__name__}: "
+            f"{str(err)[:200]})"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise RunFailure(f"checkpoint {path} holds no state_dict: it is not a Lightning checkpoint")
+    bad = first_non_finite(ckpt["state_dict"])
+    if bad is not None:
+        raise RunFailure(
+            f"checkpoint {path} holds non-finite weights ({bad}), so it cannot be {purpose}: the run that "
+            "wrote it diverged; use an earlier checkpoint"
+        )
+    return ckpt
+
+
 def replace_atomically(tmp: str | Path, final: str | Path) -> None:
     """Move ``tmp`` over ``final`` in one step: a reader sees the old file or the new one, never half."""
     os.replace(tmp, final)

@@ -259,6 +259,159 @@ def ok(fn: Callable[[], object]) -> Callable[[Path], Callable[[], object]]:
     return lambda tmp: fn
 
 
+# -- inputs checked where they are read (issue 29) ---------------------------------------------------------
+class EditedSynthetic(SyntheticDataModule):
+    """Synthetic data with one array edited after loading: how a custom datamodule's bad data looks."""
+
+    def __init__(self, edit: Callable[[list], None], **kwargs) -> None:
+        super().__init__(num_train=64, num_test=32, input_size=16, **kwargs)
+        self.edit = edit
+
+    def load_arrays(self):
+        arrays = [a.clone() for a in super().load_arrays()]
+        self.edit(arrays)
+        return tuple(arrays)
+
+
+def edited(edit: Callable[[list], None]) -> Callable[[Path], Callable[[], object]]:
+    return lambda tmp: lambda: EditedSynthetic(edit).prepare_data()
+
+
+def _set(i: int, index: tuple, value: float, dtype=None):
+    def edit(arrays: list) -> None:
+        if dtype is not None:
+            arrays[i] = arrays[i].to(dtype)
+        arrays[i][index] = value
+
+    return edit
+
+
+def fashion_edit(kind: str) -> Callable[[Path], Callable[[], object]]:
+    def make(tmp: Path) -> Callable[[], object]:
+        root = fashion_files(tmp, gz=False)
+        rng = np.random.default_rng(1)
+        if kind == "label":
+            write_idx(root / "t10k-labels-idx1-ubyte", np.array([1, 2, 12, 3]), False)
+        elif kind == "size":
+            write_idx(root / "train-images-idx3-ubyte", rng.integers(0, 255, (8, 32, 32)), False)
+            write_idx(root / "t10k-images-idx3-ubyte", rng.integers(0, 255, (4, 32, 32)), False)
+        kwargs = {"val_size": 8} if kind == "val_size" else {}
+        return fashion(root, **kwargs)
+
+    return make
+
+
+def shipped_lut(tmp: Path, edit: Callable[[dict], None], raw: str | None = None) -> Path:
+    import json as _json
+
+    data = _json.loads((REPO_ROOT / "configs" / "luts" / "wrn16_1_fast_local.json").read_text())
+    edit(data)
+    path = tmp / "edited_lut.json"
+    path.write_text(raw if raw is not None else _json.dumps(data))
+    return path
+
+
+def lut(edit: Callable[[dict], None], raw: str | None = None) -> Callable[[Path], Callable[[], object]]:
+    from lit_nas.latency import LatencyLUT
+
+    return lambda tmp: lambda: LatencyLUT.load(shipped_lut(tmp, edit, raw))
+
+
+def first_table(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+    return lambda data: edit(next(iter(data["tables"].values())))
+
+
+def arch_file(
+    edit: Callable[[dict], None], text: str | None = None
+) -> Callable[[Path], Callable[[], object]]:
+    def make(tmp: Path) -> Callable[[], object]:
+        import yaml as _yaml
+
+        from lit_nas.arch import ArchSpec
+        from lit_nas.nets import build_net
+
+        spec = NetConfig(**TINY).build_spec(DataShape(3, 16, 10)).to_dict()
+        edit(spec)
+        path = tmp / "found_arch.yaml"
+        path.write_text(text if text is not None else _yaml.safe_dump(spec))
+        return lambda: build_net(ArchSpec.load(path))
+
+    return make
+
+
+def _cell(key: str, value: object) -> Callable[[dict], None]:
+    return lambda spec: spec["cells"][0].__setitem__(key, value)
+
+
+BOMB = "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+    for p, c in zip(["", *"abcdefgh"], "abcdefghi")
+)
+
+
+def config_file(text: str | bytes) -> Callable[[Path], Callable[[], object]]:
+    def make(tmp: Path) -> Callable[[], object]:
+        from lit_nas_cli import main
+
+        path = tmp / "cfg.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return lambda: main(["fit", "--config", str(path)])
+
+    return make
+
+
+def checkpoint_for(subcommand: str, kind: str) -> Callable[[Path], Callable[[], object]]:
+    def make(tmp: Path) -> Callable[[], object]:
+        from lit_nas_cli import main
+
+        path = tmp / f"{kind}.ckpt"
+        if kind == "truncated":
+            model = MultiExitModule(net=NetConfig(**TINY), data_shape=DataShape(3, 16, 10))
+            torch.save({"state_dict": model.state_dict()}, path)
+            truncate(path, 300)
+        elif kind == "text":
+            path.write_text("epoch: 3\n")
+        elif kind == "nan":
+            model = MultiExitModule(net=NetConfig(**TINY), data_shape=DataShape(3, 16, 10))
+            state = model.state_dict()
+            next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
+            torch.save({"state_dict": state, "epoch": 1}, path)
+        if subcommand == "export":
+            from device_bench.__main__ import cli as bench
+
+            def go() -> None:
+                status = bench(["export", str(path), "--out", str(tmp / "out")])
+                raise SystemExit(status)
+
+            return go
+        return lambda: main([subcommand, "--config", TINY_SNIP, "--ckpt_path", str(path)])
+
+    return make
+
+
+def tflite_file(content: bytes) -> Callable[[Path], Callable[[], object]]:
+    def make(tmp: Path) -> Callable[[], object]:
+        from device_bench.runners import BenchSettings, LocalRunner
+
+        path = tmp / "model.tflite"
+        path.write_bytes(content)
+        return lambda: LocalRunner().run([path], BenchSettings(runs=1, passes=1, warmup_s=0))
+
+    return make
+
+
+def ssh_host(host: str) -> Callable[[Path], Callable[[], object]]:
+    from device_bench.runners import SSHRunner
+
+    return lambda tmp: lambda: SSHRunner(host)
+
+
+def run_dir_empty(tmp: Path) -> Callable[[], object]:
+    from lit_nas_cli import main
+
+    return lambda: main(["fit", "--config", TINY_SNIP, "--run_dir", ""])
+
+
 CASES: list[tuple[str, Callable[[Path], Callable[[], object]], str]] = [
     # configs (parsed and built, nothing trained)
     ("net kind", ok(cli_parse("--model.init_args.net.kind=vgg")), r"kind 'vgg'; valid choices"),
@@ -383,6 +536,201 @@ CASES: list[tuple[str, Callable[[Path], Callable[[], object]], str]] = [
     ("nan weights", numeric("weights"), r"weight net\.blocks\.0\.stem\.\S+ \(NaN\) is not finite"),
     # signals
     ("sigterm", sigterm_before_first_epoch, r"exit 143: .*stopped by SIGTERM"),
+    # -- issue 29: inputs checked where they are read ----------------------------------------------------
+    # data files and arrays: labels, image sizes, pixels, splits, crop
+    (
+        "data train label",
+        edited(_set(1, (3,), 10)),
+        r"training set: label 10 of sample 3 is outside \[0, 10\)",
+    ),
+    ("data test label", edited(_set(3, (0,), -1)), r"test set: label -1 of sample 0 is outside \[0, 10\)"),
+    (
+        "data float labels",
+        edited(_set(1, (0,), 1.5, torch.float32)),
+        r"labels must be integers; got torch.float32",
+    ),
+    (
+        "data nan pixel",
+        edited(_set(0, (5, 0, 1, 1), float("nan"), torch.float32)),
+        "image 5 holds NaN or infinite",
+    ),
+    (
+        "data inf pixel",
+        edited(_set(2, (2, 0, 0, 0), float("inf"), torch.float32)),
+        "image 2 holds NaN or inf",
+    ),
+    ("idx label range", fashion_edit("label"), r"test set: label 12 of sample 2 is outside \[0, 10\) .*fm"),
+    (
+        "idx image size",
+        fashion_edit("size"),
+        r"images of shape \(1, 32, 32\).*built for \(1, 28, 28\) \(.*fm\)",
+    ),
+    (
+        "data val_size vs files",
+        fashion_edit("val_size"),
+        r"val_size=8 \+ holdout_size=0 leaves no training.*fm",
+    ),
+    ("data crop_pad size", ok(lambda: FashionMNISTDataModule(crop_pad=28)), r"crop_pad=28 must be smaller"),
+    (
+        "data crop_pad negative",
+        ok(lambda: FashionMNISTDataModule(crop_pad=-1)),
+        r"crop_pad must be .* got -1",
+    ),
+    (
+        "data val_size fraction",
+        ok(lambda: SyntheticDataModule(val_size=0.1)),
+        r"val_size must be an integer.*0.1",
+    ),
+    # latency tables
+    (
+        "lut nan",
+        lut(first_table(lambda t: t["ms"][0].__setitem__(0, float("nan")))),
+        r"edited_lut.json: table .* ms holds nan",
+    ),
+    (
+        "lut negative",
+        lut(first_table(lambda t: t["ms"][0].__setitem__(0, -0.5))),
+        r"ms holds -0.5: latencies must be finite and >= 0",
+    ),
+    (
+        "lut raw nan",
+        lut(first_table(lambda t: t["raw_ms"][0].__setitem__(0, float("inf")))),
+        r"raw_ms holds inf",
+    ),
+    (
+        "lut unsorted grid",
+        lut(first_table(lambda t: t["cin"].reverse())),
+        r"cin must be a strictly increasing list of positive integers",
+    ),
+    (
+        "lut zero channels",
+        lut(first_table(lambda t: t["cin"].__setitem__(0, 0))),
+        r"cin must be a strictly increasing",
+    ),
+    (
+        "lut string channels",
+        lut(first_table(lambda t: t["cout"].__setitem__(0, "8"))),
+        r"cout must be .* got \['8'",
+    ),
+    (
+        "lut shape",
+        lut(first_table(lambda t: t["ms"].pop())),
+        r"ms must be \d+ x \d+ \(len\(cin\) x len\(cout\)\)",
+    ),
+    (
+        "lut overhead",
+        lut(lambda d: d.__setitem__("overhead_ms", -1)),
+        r"overhead_ms must be a finite number >= 0; got -1",
+    ),
+    ("lut scale", lut(lambda d: d.__setitem__("scale", 0)), r"scale must be a finite number > 0; got 0"),
+    (
+        "lut sigma",
+        lut(lambda d: d.__setitem__("sigma", "wide")),
+        r"sigma must be a finite number >= 0; got 'wide'",
+    ),
+    ("lut key", lut(lambda d: d["tables"].__setitem__("Conv 3x3!", {})), r"'Conv 3x3!' is not a layer key"),
+    ("lut missing tables", lut(lambda d: d.pop("tables")), r"edited_lut.json has no 'tables'"),
+    (
+        "lut not json",
+        lut(lambda d: None, raw="{tables: nope"),
+        r"latency table .*edited_lut.json is not JSON",
+    ),
+    # architectures from YAML
+    (
+        "arch string width",
+        arch_file(_cell("out", "16")),
+        r"found_arch.yaml: cell 0: out must be a whole number; got '16'",
+    ),
+    ("arch fractional width", arch_file(_cell("mid", 4.5)), r"cell 0: mid must be a whole number; got 4.5"),
+    ("arch negative width", arch_file(_cell("out", -4)), r"cell 0: widths must be >= 1"),
+    (
+        "arch bool stride",
+        arch_file(_cell("stride", True)),
+        r"cell 0: stride must be a whole number; got True",
+    ),
+    ("arch unknown cell key", arch_file(_cell("width", 4)), r"cell 0: unknown keys \['width'\]"),
+    (
+        "arch exits",
+        arch_file(lambda s: s.__setitem__("exits", [1, 1, 1, 1])),
+        r"ArchSpec exits must be a list\[bool\]",
+    ),
+    (
+        "arch dropout",
+        arch_file(lambda s: s.__setitem__("dropout", "none")),
+        r"ArchSpec dropout must be a finite number",
+    ),
+    (
+        "arch input size",
+        arch_file(lambda s: s.__setitem__("input_size", 0)),
+        r"ArchSpec.input_size must be >= 1; got 0",
+    ),
+    (
+        "arch kind vs cells",
+        arch_file(lambda s: s.__setitem__("kind", "mobilenet_v2")),
+        r"a mobilenet_v2 network is made of \['inverted'\] cells; this spec has \['basic'\]",
+    ),
+    (
+        "arch alias",
+        arch_file(lambda s: None, text="a: &x [1]\nb: *x\n"),
+        r"architecture file .*found_arch.yaml uses an alias",
+    ),
+    # YAML
+    ("yaml alias bomb", config_file(BOMB), r"config .*cfg.yaml expands into more than 100000 nodes"),
+    (
+        "yaml not a mapping",
+        config_file("- trainer\n- model\n"),
+        r"config .*cfg.yaml must be a mapping of keys .* holds a list",
+    ),
+    (
+        "yaml binary",
+        config_file(b"\x80\x81secret"),
+        r"config .*cfg.yaml is not a text file \(not UTF-8 at byte 0\)",
+    ),
+    (
+        "yaml syntax",
+        config_file("trainer: [1, 2\nmodel: x\n"),
+        r"cfg.yaml is not valid YAML at line 2, column 6",
+    ),
+    # checkpoints given to fit, test, validate and device_bench
+    (
+        "ckpt test truncated",
+        checkpoint_for("test", "truncated"),
+        r"cannot read checkpoint .*truncated.ckpt: it is truncated or not",
+    ),
+    ("ckpt validate text", checkpoint_for("validate", "text"), r"cannot read checkpoint .*text.ckpt"),
+    (
+        "ckpt test nan",
+        checkpoint_for("test", "nan"),
+        r"checkpoint .*nan.ckpt holds non-finite weights \(.*NaN\)\), so it cannot be tested",
+    ),
+    ("ckpt fit missing", checkpoint_for("fit", "missing"), r"checkpoint .*missing.ckpt does not exist"),
+    (
+        "ckpt export truncated",
+        checkpoint_for("export", "truncated"),
+        r"error: cannot read checkpoint .*truncated.ckpt",
+    ),
+    # two channel searches in one run
+    (
+        "snip + fisher",
+        ok(cli_fit("--fisher", "{target_fraction: 0.5}")),
+        r"SnipPruning and FisherPruning are both channel searches",
+    ),
+    (
+        "fisher + switches",
+        ok(cli_fit("--snip", "null", "--fisher", "{target_fraction: 0.5}", "--switch_l1", "{lam: 0.1}")),
+        r"(FisherPruning and SwitchL1|SwitchL1 and FisherPruning) are both channel searches",
+    ),
+    (
+        "morphnet + fisher",
+        ok(cli_fit("--snip", "null", "--fisher", "{target_fraction: 0.5}", "--morphnet", "{strength: 0.1}")),
+        r"(MorphNet and FisherPruning|FisherPruning and MorphNet) are both channel searches",
+    ),
+    # misc
+    ("run_dir empty", run_dir_empty, r"--run_dir is empty"),
+    ("tflite empty", tflite_file(b""), r"model file .*model.tflite is empty"),
+    ("tflite not a model", tflite_file(b"<html>not found</html>"), r"model.tflite is not a TFLite model"),
+    ("host shell characters", ssh_host("pi;touch pwned"), r"invalid ssh host 'pi;touch pwned'"),
+    ("host command substitution", ssh_host("$(touch pwned)"), r"invalid ssh host '\$\(touch pwned\)'"),
 ]
 
 
@@ -403,6 +751,8 @@ def test_bad_input_fails_clearly_and_touches_no_earlier_run(
 
 def test_the_matrix_has_at_least_40_cases():
     assert len(CASES) >= 40
+    new = CASES[[c[0] for c in CASES].index("data train label") :]
+    assert len(new) >= 40, "issue 29: the matrix grows by at least 40 cases"
     kinds = {"config": 0, "data": 0}
     for name, _, _ in CASES:
         kinds["data" if name.startswith(("idx", "cifar", "image", "fashion")) else "config"] += 1

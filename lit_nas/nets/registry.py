@@ -17,10 +17,27 @@ NETWORKS: dict[str, Callable[..., MultiExitNet]] = {
 }
 
 
+#: the cell kinds each family is made of: a spec whose cells disagree with its kind is refused (an edited
+#: found_arch.yaml that says mobilenet_v2 over basic cells would build another network than it names)
+CELL_OPS_OF = {
+    "resnet_sdn": ("basic",),
+    "wide_resnet": ("basic",),
+    "mobilenet_v1": ("dwsep",),
+    "mobilenet_v2": ("inverted",),
+    "mnasnet": ("dwsep", "inverted"),
+}
+
+
 def build_net(spec) -> MultiExitNet:
     """Build the network described by ``spec`` (an :class:`~lit_nas.arch.ArchSpec`)."""
     if spec.kind not in NETWORKS:
         raise ValueError(f"unknown network kind {spec.kind!r}; valid choices: {sorted(NETWORKS)}")
+    foreign = sorted({c.op for c in spec.cells} - set(CELL_OPS_OF[spec.kind]))
+    if foreign:
+        raise ValueError(
+            f"a {spec.kind} network is made of {list(CELL_OPS_OF[spec.kind])} cells; this spec has "
+            f"{foreign} cells: set kind to the family its cells belong to"
+        )
     net = NETWORKS[spec.kind](spec)
     net.add_gates(dict(spec.gated))  # the gates the spec names, so a checkpoint's gates load into them
     return net

@@ -1,0 +1,31 @@
+"""One channel search per run: the searches that choose which channels or weights a network keeps.
+
+SNIP, Fisher pruning, ShrinkNets switches, NetAdapt and MorphNet each drive the network to their own
+target by their own criterion; two in one run interfere (SNIP's masks and Fisher's gates over the same
+channels fail inside a tensor operation; MorphNet and Fisher both run and meet neither target). So a run
+with two is refused at fit start, naming both. To combine them, chain runs: the second starts from the
+first's ``found_arch.yaml``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+#: the callbacks that search channels or weights (by class name: this module imports none of them)
+CHANNEL_SEARCHES = ("SnipPruning", "FisherPruning", "SwitchL1", "NetAdapt", "MorphNet")
+
+
+def refuse_two_searches(trainer: L.Trainer, who: str) -> None:
+    """``ValueError`` naming both when ``trainer`` holds another channel search besides ``who``."""
+    names = [type(cb).__name__ for cb in trainer.callbacks if type(cb).__name__ in CHANNEL_SEARCHES]
+    others = [n for n in names if n != who]
+    if others:
+        raise ValueError(
+            f"{who} and {others[0]} are both channel searches; one run takes one (they drive the same "
+            f"channels to different targets). Switch one off (e.g. --{_key(others[0])} null), or chain "
+            "two runs: the second from the first's found_arch.yaml (--model.init_args.arch_spec)"
+        )
+
+
+def _key(name: str) -> str:
+    return {"SnipPruning": "snip", "FisherPruning": "fisher", "SwitchL1": "switch_l1"}.get(name, name.lower())
