@@ -169,7 +169,9 @@ class RunConfigSaver(SaveConfigCallback):
                 logger.log_hyperparams(
                     json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
                 )
-            elif not directories:
+            elif not directories and trainer.logger is not None:
+                # a logger's own directory; without a run directory or a logger (test, validate with
+                # logger: false) there is nowhere of the run's own, and the working directory is not one
                 directories.append(Path(log_dir or trainer.default_root_dir))
             for directory in directories:
                 self._save(directory)
@@ -269,6 +271,10 @@ class LitNASCLI(LightningCLI):
                 )
             )
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if run_dir and not trainer_config.get("default_root_dir"):
+            # what Lightning and the callbacks write without a logger (SNIP's connectivity maps, say) goes
+            # into the run directory, never into the working directory where the next run overwrites it
+            trainer_config["default_root_dir"] = run_dir
         trainer = self._instantiate_trainer(trainer_config, extra)
         for logger in trainer.loggers:
             init = getattr(logger, "_wandb_init", None)

@@ -58,6 +58,14 @@ class LastCheckpoint(Checkpoint):
         trainer.strategy.barrier("last_checkpoint")
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # a kill during a write leaves its temporary file; the run directory is this process's now (the CLI
+        # claimed it), so none of them is being written
+        if stage == "fit" and trainer.is_global_zero and self.dirpath.is_dir():
+            for stale in self.dirpath.glob(f".{LAST}.tmp-*"):
+                stale.unlink(missing_ok=True)
+
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return

@@ -18,6 +18,44 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 from lit_nas import DataShape, NetConfig  # noqa: E402
 
+# -- no test writes into the checkout -----------------------------------------------------------------------
+_CHECKOUT = Path(__file__).resolve().parent.parent
+#: what running the suite itself leaves (caches, environments), not what a test or a run it starts writes
+_NOT_OUTPUTS = {".git", ".venv", ".venv-export", ".pytest_cache", ".ruff_cache", "__pycache__", ".whl"}
+
+
+def checkout_files() -> set[str]:
+    """Every file under the checkout but the suite's own caches and environments."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(_CHECKOUT):
+        dirnames[:] = [d for d in dirnames if d not in _NOT_OUTPUTS and not d.endswith(".egg-info")]
+        rel = Path(dirpath).relative_to(_CHECKOUT)
+        out.update(str(rel / f) for f in filenames if not f.endswith(".pyc"))
+    return out
+
+
+def pytest_sessionstart(session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        session.config._checkout_before = checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None:
+        return
+    gained = sorted(checkout_files() - before)
+    if gained:
+        shown = "\n  ".join(gained[:20]) + (
+            f"\n  ... and {len(gained) - 20} more" if len(gained) > 20 else ""
+        )
+        session.config.get_terminal_writer().line(
+            f"\nerror: the test run wrote {len(gained)} file(s) into the checkout (a test, or a run it "
+            f"started, wrote outside its temporary directory):\n  {shown}",
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 TINY = dict(stage_widths=[4, 8, 8], cells_per_stage=[1, 1, 2], exit_depths=[0.25, 0.5, 0.75, 1.0])
 
 

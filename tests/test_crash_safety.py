@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from lit_nas.runs import RunFailure, new_run_dir
 from lit_nas_cli import REPO_ROOT, resolve_run
+from tests.run_helpers import comparable_summary
 from tests.run_helpers import train_py as train
 
 TINY_SEARCH = str(REPO_ROOT / "tests" / "configs" / "tiny_search.yaml")
@@ -87,7 +88,29 @@ def test_ckpt_path_last_with_nothing_to_resume_starts_fresh_and_says_where(tmp_p
         "no runs/tiny_snip*/checkpoints/last.ckpt to resume; training starts in runs/tiny_snip" in out.stderr
     )
     assert "HINT" not in out.stderr
-    assert (tmp_path / "runs" / "tiny_snip" / "checkpoints" / "last.ckpt").is_file()
+    run = tmp_path / "runs" / "tiny_snip"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # with logger: false everything the run writes is in its run directory (SNIP's connectivity maps too)
+    assert list((run / "snip").glob("*.png")), sorted(str(p) for p in run.rglob("*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    # test and validate of its checkpoint write nothing into the working directory
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO_ROOT)}
+    for sub in ("test", "validate"):
+        cmd = [sys.executable, str(REPO_ROOT / "train.py"), sub, "--config", TINY_SNIP]
+        done = subprocess.run(
+            [*cmd, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert sorted(p.name for p in run.glob("lit_nas_config*")) == ["lit_nas_config.yaml"]
 
 
 def test_a_second_run_of_a_config_gets_its_own_directory(tmp_path):
@@ -167,16 +190,6 @@ def test_ddp_through_train_py_with_growing_and_snip_gives_identical_masks(tmp_pa
 TINY_BEST = str(REPO_ROOT / "tests" / "configs" / "tiny_best.yaml")
 
 
-def summary(run: Path) -> dict:
-    """``summary.json`` without the clocks and the command line; files by their place in the run directory."""
-    s = json.loads((run / "summary.json").read_text())
-    s.pop("wall_s"), s.pop("cpu_s"), s.pop("overrides")
-    s["checkpoint"] = "/".join(Path(s["checkpoint"]).parts[-2:]) if s["checkpoint"] else None
-    for key in ("found_arch", "found_masks"):
-        s[key] = Path(s[key]).name if s[key] else None
-    return s
-
-
 def test_a_run_killed_after_a_new_best_or_in_its_test_resumes_to_the_same_summary(tmp_path):
     """SIGKILL in the epoch after a new best, SIGKILL and SIGTERM in the test after fit: each resumed run
     tests the same best checkpoint and writes the summary of the run that was never stopped."""
@@ -192,7 +205,7 @@ def test_a_run_killed_after_a_new_best_or_in_its_test_resumes_to_the_same_summar
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     run = straight / "runs" / "tiny_best"
-    expected = summary(run)
+    expected = comparable_summary(run)
     bests = [json.loads(line) for line in trace.read_text().splitlines()]
     assert expected["tested"] and expected["checkpoint"] == f"checkpoints/{bests[-1][1]}"
     # the last epoch that made a new best, and a kill in the epoch after it
@@ -217,9 +230,12 @@ def test_a_run_killed_after_a_new_best_or_in_its_test_resumes_to_the_same_summar
             assert ckpt_epoch(last) == len(bests) - 1, what
             a, b = weights(run / "checkpoints" / "last.ckpt"), weights(last)
             assert all(torch.equal(a[k], b[k]) for k in a), f"{what}: last.ckpt is not the last epoch's"
+        stale = last.with_name(".last.ckpt.tmp-99999")  # what a kill during a write leaves
+        stale.write_bytes(b"half a checkpoint")
         resumed = train(cwd, "--config", TINY_BEST, "--ckpt_path", "last")
         assert resumed.returncode == 0, (what, resumed.stderr[-3000:])
-        assert summary(cwd / "runs" / "tiny_best") == expected, what
+        assert not stale.exists(), "a resume removes the temporary files of an interrupted write"
+        assert comparable_summary(cwd / "runs" / "tiny_best") == expected, what
 
     # a finished run whose best checkpoint is gone: one message naming it, no traceback
     (run / expected["checkpoint"]).unlink()

@@ -323,6 +323,78 @@ def test_a_tiny_study_runs_on_ray(tmp_path):
     check_report_matches(study, tmp_path)
 
 
+def test_a_trial_whose_ray_worker_dies_is_retried_and_never_recorded_as_failed(tmp_path):
+    """A worker killed under a trial (a lost node) is the infrastructure's failure: Ray reruns the trial; one
+    lost every time has no record at all, so a plain rerun of the study runs it."""
+    ray = pytest.importorskip("ray")
+
+    def killer(name: str, times: int) -> dict:
+        return {
+            "trainer.callbacks+": "tests.run_helpers.KillParent",
+            "trainer.callbacks.marker": str(tmp_path / name),
+            "trainer.callbacks.times": times,
+        }
+
+    grid = {"fisher.target_fraction": {0.7: killer("once", 1), 0.9: killer("always", 99)}}
+    spec = tiny_spec(tmp_path, grid=grid, seeds=[0], baselines={}, resources={"cpus": 1})
+    lines: list[str] = []
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        study = run_study(spec, engine="ray", out=lines.append, infra_retries=1, **roots(tmp_path))
+    finally:
+        ray.shutdown()
+    once, always = spec.trials()
+    assert (tmp_path / "once").read_text() == "1"  # its first worker died
+    assert study.record(once)["status"] == "done"
+    assert (tmp_path / "always").read_text() == "2"  # tried, then retried once
+    assert study.record(always) is None and not study.record_path(always).exists()
+    assert any(f"lost, not recorded (rerun the study to run it): {always.id}" in ln for ln in lines)
+    assert "1 trial(s) were lost" in lines[-1]
+
+
+def test_trials_killed_after_a_best_epoch_or_in_their_test_end_like_an_uninterrupted_one(tmp_path):
+    """Three trials of one config and seed: one runs straight; one is SIGKILLed in the epoch after its last
+    new best, one during its test after fit. Recorded failed, they finish with --retry-failed, resuming their
+    last.ckpt, and their summaries and records equal the uninterrupted trial's."""
+    from tests.run_helpers import comparable_summary
+
+    def spec_with(kills: dict) -> StudySpec:
+        config = str(ROOT / "tests" / "configs" / "tiny_best.yaml")
+        grid = {"trainer.callbacks+": kills}
+        return StudySpec.load(
+            write_spec(tmp_path, config=config, overrides={}, seeds=[0], grid=grid, name="killed_trials")
+        )
+
+    plain = {"lightning.pytorch.callbacks.Callback": {}}  # a callback that does nothing
+    # the uninterrupted trial first: its last new best (the best checkpoint it tests) says where to kill
+    (straight,) = spec_with(plain).trials()
+    study = run_study(spec_with(plain), out=lambda _: None, **roots(tmp_path))
+    assert study.record(straight)["status"] == "done"
+    expected = comparable_summary(study.runs / straight.id)
+    best = int(expected["checkpoint"].split("=")[1].split(".")[0])
+    assert best + 1 < 8, "the config's last new best must come before its last epoch (max_epochs 8)"
+    kills = {
+        **plain,
+        "tests.run_helpers.SignalAt": {"trainer.callbacks.epoch": best + 1},
+        "tests.run_helpers.SignalInTest": {},
+    }
+    for i, extra in enumerate(list(kills.values())[1:]):
+        extra["trainer.callbacks.marker"] = str(tmp_path / f"killed{i}")
+    spec = spec_with(kills)
+    assert spec.trials()[0] == straight  # the same trial: its record is kept
+    after_best, in_test = spec.trials()[1:]
+    study = run_study(spec, jobs=2, out=lambda _: None, **roots(tmp_path))
+    assert [study.record(t)["status"] for t in (after_best, in_test)] == ["failed", "failed"]
+    assert "exit status -9" in study.record(after_best)["error"]
+    again = run_study(spec, jobs=2, retry_failed=True, out=lambda _: None, **roots(tmp_path))
+    for t in (after_best, in_test):
+        record = again.record(t)
+        assert record["status"] == "done", record
+        assert comparable_summary(again.runs / t.id) == expected, t.id
+        # the record carries the resumed run's own summary.json
+        assert record["summary"] == json.loads((again.runs / t.id / "summary.json").read_text())
+
+
 def test_a_failing_trial_is_recorded_and_the_others_go_on(tmp_path):
     # lr 1e12 passes every check but the loss is not finite after a step: train.py exits 1
     spec = tiny_spec(tmp_path, grid={"model.init_args.optimizer.lr": [0.05, 1.0e12]}, seeds=[0], baselines={})

@@ -26,6 +26,8 @@ from typing import Any
 
 from lit_nas.study.spec import REPO_ROOT, SEARCH, StudySpec, StudySpecError, Trial, within
 
+#: how often Ray reruns a trial whose worker or node died (the trial's own failures are never retried)
+INFRA_RETRIES = 2
 RESULTS_ROOT = REPO_ROOT / "studies" / "results"
 RUNS_ROOT = REPO_ROOT / "runs" / "studies"
 ENGINES = ("local", "ray")
@@ -223,6 +225,7 @@ class Progress:
         self.name, self.total, self.done, self.parallel, self.out = name, total, done, parallel, out
         self.running = 0
         self.failed = 0
+        self.lost = 0
         self.durations: list[float] = []
 
     def started(self, trial: Trial) -> None:  # noqa: D102
@@ -239,6 +242,12 @@ class Progress:
         what = record["status"] + (f" ({record['error']})" if record["status"] == "failed" else "")
         self.show(f"{what}: {trial.id}")
 
+    def lost_trial(self, trial: Trial, why: str) -> None:
+        """A trial the infrastructure lost (a node or worker died): no record, so a rerun runs it."""
+        self.running -= 1
+        self.lost += 1
+        self.show(f"lost, not recorded (rerun the study to run it): {trial.id}: {why}")
+
     def show(self, event: str) -> None:  # noqa: D102
         left = self.total - self.done - self.running
         eta = "?"
@@ -247,7 +256,7 @@ class Progress:
             eta = time.strftime("%H:%M:%S", time.gmtime(seconds))
         self.out(
             f"[{self.name}] done {self.done} / running {self.running} / left {left}"
-            f" (failed {self.failed}), ETA {eta} | {event}"
+            f" (failed {self.failed}{f', lost {self.lost}' if self.lost else ''}), ETA {eta} | {event}"
         )
 
 
@@ -262,6 +271,7 @@ def run_study(
     runs_root: Path = RUNS_ROOT,
     check: bool = True,
     out: Callable[[str], None] = print,
+    infra_retries: int = INFRA_RETRIES,
 ) -> Study:
     """Run every trial of ``spec`` that has no record yet (see the module docstring).
 
@@ -276,6 +286,7 @@ def run_study(
         runs_root: where run directories go (``runs/studies``).
         check: build the settings of every trial that will run before the first one runs.
         out: where progress lines go.
+        infra_retries: Ray: how often a trial whose worker or node died is run again.
     """
     if engine not in ENGINES:
         raise StudySpecError(f"engine must be one of {list(ENGINES)}; got {engine!r}")
@@ -309,7 +320,7 @@ def run_study(
         spec.name, total, total - len(first) - (len(cost_searched) - found_done), parallel, out
     )
     threads = max(1, int(spec.cpus))
-    execute = _local if engine == "local" else _ray_engine(spec, address)
+    execute = _local if engine == "local" else _ray_engine(spec, address, infra_retries)
     progress.show("starting")
 
     def finish(trial: Trial, record: dict[str, Any]) -> None:
@@ -341,6 +352,11 @@ def run_study(
         check_trials(found)
     execute([study.job(t, threads, timeout_s) for t in found], found, jobs, progress, finish)
     progress.show("finished")
+    if progress.lost:
+        out(
+            f"[{spec.name}] {progress.lost} trial(s) were lost to a node or worker that died (after "
+            f"{infra_retries} retries) and have no record: run the same command again to run them"
+        )
     return study
 
 
@@ -372,7 +388,13 @@ def _local(jobs: list[Job], trials: list[Trial], n: int, progress: Progress, fin
                 finish(running.pop(fut), fut.result())
 
 
-def _ray_engine(spec: StudySpec, address: str | None) -> Executor:
+def _loopback(address: str) -> bool:
+    """Whether a Ray address (``host:port``) is on this machine's loopback interface."""
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _ray_engine(spec: StudySpec, address: str | None, retries: int) -> Executor:
     if address is None and "ray" not in sys.modules:
         # a local instance stays on the loopback interface (Ray would bind it to the machine's address)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -387,9 +409,12 @@ def _ray_engine(spec: StudySpec, address: str | None) -> Executor:
         if not jobs:
             return
         if not ray.is_initialized():
-            local = {"_node_ip_address": "127.0.0.1"} if address is None else {}
+            # a local instance, or a cluster on the loopback interface: this driver's node is 127.0.0.1 too
+            # (Ray would take the machine's address and wait forever for a raylet there)
+            local = {"_node_ip_address": "127.0.0.1"} if address is None or _loopback(address) else {}
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
-        task = ray.remote(num_cpus=spec.cpus, num_gpus=spec.gpus, max_retries=0)(run_job)
+        # max_retries reruns a task whose worker or node died; a trial that fails is a record, never retried
+        task = ray.remote(num_cpus=spec.cpus, num_gpus=spec.gpus, max_retries=retries)(run_job)
         futures = {}
         for job, trial in zip(jobs, trials):
             futures[task.remote(job)] = trial
@@ -400,8 +425,12 @@ def _ray_engine(spec: StudySpec, address: str | None) -> Executor:
                 trial = futures.pop(ref)
                 try:
                     record = ray.get(ref)
-                except Exception as err:  # the worker itself died: a failed trial, the others go on
-                    record = {"id": trial.id, "status": "failed", "error": f"Ray task failed: {err}"}
+                except Exception as err:
+                    # run_job returns a record for every trial that fails: an error here is the
+                    # infrastructure's (worker killed, node lost), after Ray's retries. No record: the trial
+                    # is not the trial's failure, and a plain rerun of the study runs it
+                    progress.lost_trial(trial, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                    continue
                 finish(trial, record)
 
     return execute
