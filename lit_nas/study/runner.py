@@ -395,9 +395,17 @@ def _loopback(address: str) -> bool:
 
 
 def _ray_engine(spec: StudySpec, address: str | None, retries: int) -> Executor:
-    if address is None and "ray" not in sys.modules:
-        # a local instance stays on the loopback interface (Ray would bind it to the machine's address)
+    loopback = address is None or _loopback(address)
+    if loopback and "ray" not in sys.modules:
+        # a local instance, or a cluster on the loopback interface: Ray keeps to 127.0.0.1 only with this
+        # set before it is imported (else it swaps a local address for the machine's own, and a driver given
+        # 127.0.0.1:PORT waits forever for a head at the machine's address)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    elif address is not None and loopback and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        raise StudySpecError(
+            f"--address {address} is on the loopback interface, but Ray was imported before this study "
+            "could keep it there: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment"
+        )
     try:
         import ray
     except ImportError as err:
@@ -411,7 +419,7 @@ def _ray_engine(spec: StudySpec, address: str | None, retries: int) -> Executor:
         if not ray.is_initialized():
             # a local instance, or a cluster on the loopback interface: this driver's node is 127.0.0.1 too
             # (Ray would take the machine's address and wait forever for a raylet there)
-            local = {"_node_ip_address": "127.0.0.1"} if address is None or _loopback(address) else {}
+            local = {"_node_ip_address": "127.0.0.1"} if loopback else {}
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
         # max_retries reruns a task whose worker or node died; a trial that fails is a record, never retried
         task = ray.remote(num_cpus=spec.cpus, num_gpus=spec.gpus, max_retries=retries)(run_job)
