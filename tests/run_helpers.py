@@ -56,30 +56,6 @@ def comparable_summary(run: Path) -> dict:
     return s
 
 
-class RecordBest(Callback):
-    """Append ``[epoch, best checkpoint's file name]`` to ``path`` (JSON lines) after every epoch's
-    checkpointing: which epochs made a new best."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    # read at the next epoch's start: a plain callback's epoch end runs before the ModelCheckpoint's
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._write(trainer, trainer.current_epoch - 1)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._write(trainer, trainer.current_epoch - 1)
-
-    def _write(self, trainer, epoch: int) -> None:
-        if epoch < 0:
-            return
-        from lit_nas.runs import monitoring_checkpoint
-
-        best = Path(monitoring_checkpoint(trainer).best_model_path or "").name
-        with self.path.open("a") as f:
-            f.write(json.dumps([epoch, best]) + "\n")
-
-
 class KillParent(Callback):
     """At train start, SIGKILL this process's parent (a Ray worker running the trial) and exit: a lost node.
 

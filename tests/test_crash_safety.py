@@ -13,7 +13,6 @@ from torch.testing import assert_close
 
 from lit_nas.runs import RunFailure, new_run_dir
 from lit_nas_cli import REPO_ROOT, resolve_run
-from tests.run_helpers import comparable_summary
 from tests.run_helpers import train_py as train
 
 TINY_SEARCH = str(REPO_ROOT / "tests" / "configs" / "tiny_search.yaml")
@@ -186,63 +185,8 @@ def test_ddp_through_train_py_with_growing_and_snip_gives_identical_masks(tmp_pa
     assert (tmp_path / "runs" / "tiny_snip" / "lit_nas_config.yaml").is_file()
 
 
-# -- a resume tests the same checkpoint and writes the same summary as a run never stopped ---------------
-TINY_BEST = str(REPO_ROOT / "tests" / "configs" / "tiny_best.yaml")
-
-
-def test_a_run_killed_after_a_new_best_or_in_its_test_resumes_to_the_same_summary(tmp_path):
-    """SIGKILL in the epoch after a new best, SIGKILL and SIGTERM in the test after fit: each resumed run
-    tests the same best checkpoint and writes the summary of the run that was never stopped."""
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    trace = tmp_path / "best.jsonl"
-    ok = train(
-        straight,
-        "--config",
-        TINY_BEST,
-        "--trainer.callbacks+=tests.run_helpers.RecordBest",
-        f"--trainer.callbacks.path={trace}",
-    )
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    run = straight / "runs" / "tiny_best"
-    expected = comparable_summary(run)
-    bests = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert expected["tested"] and expected["checkpoint"] == f"checkpoints/{bests[-1][1]}"
-    # the last epoch that made a new best, and a kill in the epoch after it
-    new_best = max(e for (e, name), (_, before) in zip(bests[1:], bests) if name != before)
-    assert new_best + 1 < len(bests), "the config must make its last new best before its last epoch"
-
-    stops = {
-        "epoch after a new best": kill_at(epoch=new_best + 1, signum=9),
-        "sigkill in the test": ["--trainer.callbacks+=tests.run_helpers.SignalInTest"],
-        "sigterm in the test": [
-            "--trainer.callbacks+=tests.run_helpers.SignalInTest",
-            "--trainer.callbacks.signum=15",
-        ],
-    }
-    for what, stop in stops.items():
-        cwd = tmp_path / what.replace(" ", "_")
-        cwd.mkdir()
-        stopped = train(cwd, "--config", TINY_BEST, *stop)
-        assert stopped.returncode in (-signal.SIGKILL, 143), (what, stopped.stderr[-3000:])
-        last = cwd / "runs" / "tiny_best" / "checkpoints" / "last.ckpt"
-        if "test" in what:  # fit ended: last.ckpt is the last epoch's, whatever the test was doing
-            assert ckpt_epoch(last) == len(bests) - 1, what
-            a, b = weights(run / "checkpoints" / "last.ckpt"), weights(last)
-            assert all(torch.equal(a[k], b[k]) for k in a), f"{what}: last.ckpt is not the last epoch's"
-        stale = last.with_name(".last.ckpt.tmp-99999")  # what a kill during a write leaves
-        stale.write_bytes(b"half a checkpoint")
-        resumed = train(cwd, "--config", TINY_BEST, "--ckpt_path", "last")
-        assert resumed.returncode == 0, (what, resumed.stderr[-3000:])
-        assert not stale.exists(), "a resume removes the temporary files of an interrupted write"
-        assert comparable_summary(cwd / "runs" / "tiny_best") == expected, what
-
-    # a finished run whose best checkpoint is gone: one message naming it, no traceback
-    (run / expected["checkpoint"]).unlink()
-    gone = train(straight, "--config", TINY_BEST, "--ckpt_path", "last")
-    assert gone.returncode == 1
-    assert f"the best checkpoint of this run, runs/tiny_best/{expected['checkpoint']}, is gone" in gone.stderr
-    assert "Traceback" not in gone.stderr
+# -- a resume tests the same checkpoint and writes the same summary as a run never stopped: see
+# tests/test_study.py (study trials SIGKILLed after a best epoch and in their test, SIGTERMed in their test)
 
 
 # -- runs started together never share a directory ---------------------------------------------------------

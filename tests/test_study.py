@@ -2,12 +2,7 @@
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -310,91 +305,6 @@ def test_a_tiny_study_runs_on_the_local_engine_and_its_report_is_the_trials_figu
     assert len(re.findall(r"\| \d+\.\d\dx; \d+\.\d\dx \|", md)) == 1  # search cost, wall; CPU
 
 
-def test_a_tiny_study_runs_on_ray(tmp_path):
-    ray = pytest.importorskip("ray")
-    spec = tiny_spec(tmp_path, grid={"fisher.target_fraction": [0.7]}, baselines={}, resources={"cpus": 1})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        study = run_study(spec, engine="ray", out=lambda _: None, **roots(tmp_path))
-    finally:
-        ray.shutdown()
-    records = study.records()
-    assert len(records) == 2 and all(r["status"] == "done" for r in records)
-    check_report_matches(study, tmp_path)
-
-
-def test_a_trial_whose_ray_worker_dies_is_retried_and_never_recorded_as_failed(tmp_path):
-    """A worker killed under a trial (a lost node) is the infrastructure's failure: Ray reruns the trial; one
-    lost every time has no record at all, so a plain rerun of the study runs it."""
-    ray = pytest.importorskip("ray")
-
-    def killer(name: str, times: int) -> dict:
-        return {
-            "trainer.callbacks+": "tests.run_helpers.KillParent",
-            "trainer.callbacks.marker": str(tmp_path / name),
-            "trainer.callbacks.times": times,
-        }
-
-    grid = {"fisher.target_fraction": {0.7: killer("once", 1), 0.9: killer("always", 99)}}
-    spec = tiny_spec(tmp_path, grid=grid, seeds=[0], baselines={}, resources={"cpus": 1})
-    lines: list[str] = []
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        study = run_study(spec, engine="ray", out=lines.append, infra_retries=1, **roots(tmp_path))
-    finally:
-        ray.shutdown()
-    once, always = spec.trials()
-    assert (tmp_path / "once").read_text() == "1"  # its first worker died
-    assert study.record(once)["status"] == "done"
-    assert (tmp_path / "always").read_text() == "2"  # tried, then retried once
-    assert study.record(always) is None and not study.record_path(always).exists()
-    assert any(f"lost, not recorded (rerun the study to run it): {always.id}" in ln for ln in lines)
-    assert "1 trial(s) were lost" in lines[-1]
-
-
-def test_trials_killed_after_a_best_epoch_or_in_their_test_end_like_an_uninterrupted_one(tmp_path):
-    """Three trials of one config and seed: one runs straight; one is SIGKILLed in the epoch after its last
-    new best, one during its test after fit. Recorded failed, they finish with --retry-failed, resuming their
-    last.ckpt, and their summaries and records equal the uninterrupted trial's."""
-    from tests.run_helpers import comparable_summary
-
-    def spec_with(kills: dict) -> StudySpec:
-        config = str(ROOT / "tests" / "configs" / "tiny_best.yaml")
-        grid = {"trainer.callbacks+": kills}
-        return StudySpec.load(
-            write_spec(tmp_path, config=config, overrides={}, seeds=[0], grid=grid, name="killed_trials")
-        )
-
-    plain = {"lightning.pytorch.callbacks.Callback": {}}  # a callback that does nothing
-    # the uninterrupted trial first: its last new best (the best checkpoint it tests) says where to kill
-    (straight,) = spec_with(plain).trials()
-    study = run_study(spec_with(plain), out=lambda _: None, **roots(tmp_path))
-    assert study.record(straight)["status"] == "done"
-    expected = comparable_summary(study.runs / straight.id)
-    best = int(expected["checkpoint"].split("=")[1].split(".")[0])
-    assert best + 1 < 8, "the config's last new best must come before its last epoch (max_epochs 8)"
-    kills = {
-        **plain,
-        "tests.run_helpers.SignalAt": {"trainer.callbacks.epoch": best + 1},
-        "tests.run_helpers.SignalInTest": {},
-    }
-    for i, extra in enumerate(list(kills.values())[1:]):
-        extra["trainer.callbacks.marker"] = str(tmp_path / f"killed{i}")
-    spec = spec_with(kills)
-    assert spec.trials()[0] == straight  # the same trial: its record is kept
-    after_best, in_test = spec.trials()[1:]
-    study = run_study(spec, jobs=2, out=lambda _: None, **roots(tmp_path))
-    assert [study.record(t)["status"] for t in (after_best, in_test)] == ["failed", "failed"]
-    assert "exit status -9" in study.record(after_best)["error"]
-    again = run_study(spec, jobs=2, retry_failed=True, out=lambda _: None, **roots(tmp_path))
-    for t in (after_best, in_test):
-        record = again.record(t)
-        assert record["status"] == "done", record
-        assert comparable_summary(again.runs / t.id) == expected, t.id
-        # the record carries the resumed run's own summary.json
-        assert record["summary"] == json.loads((again.runs / t.id / "summary.json").read_text())
-
-
 def test_a_failing_trial_is_recorded_and_the_others_go_on(tmp_path):
     # lr 1e12 passes every check but the loss is not finite after a step: train.py exits 1
     spec = tiny_spec(tmp_path, grid={"model.init_args.optimizer.lr": [0.05, 1.0e12]}, seeds=[0], baselines={})
@@ -408,40 +318,6 @@ def test_a_failing_trial_is_recorded_and_the_others_go_on(tmp_path):
     # a rerun does not retry it unless asked
     again = run_study(spec, out=lambda _: None, **roots(tmp_path))
     assert {r["id"]: r for r in again.records()} == {r["id"]: r for r in study.records()}
-
-
-def test_a_study_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path):
-    spec_path = write_spec(tmp_path, grid={"fisher.target_fraction": [0.7, 0.9]}, seeds=[0], name="killed")
-    spec = StudySpec.load(spec_path)
-    cmd = [sys.executable, "-m", "lit_nas.study", "run", str(spec_path)]
-    cmd += ["--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
-    study = Study(spec, tmp_path / "results", tmp_path / "runs")
-    first = study.record_path(spec.trials()[0])
-    second_log = study.runs / spec.trials()[1].id / "train.log"
-    deadline = time.time() + 120
-    while not (first.exists() and second_log.exists()) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)  # polls a condition: the first trial recorded, the second one started
-    assert first.exists() and second_log.exists(), "the first trial never finished"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its running trial, at once
-    proc.wait()
-    done_before = {p: p.read_text() for p in study.results.rglob("*.json")}
-    assert len(done_before) == 1  # the second trial was running when it was killed
-    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    records = {r["id"]: r for r in study.records()}
-    assert len(records) == 2 and all(r["status"] == "done" for r in records.values())
-    for path, text in done_before.items():
-        assert path.read_text() == text  # finished trials were not redone
-        trial_log = study.runs / json.loads(text)["id"] / "train.log"
-        assert trial_log.read_text().count("\n$ ") == 1  # each ran once
-    # negative control: the trial the kill interrupted was started twice (resumed with --ckpt_path last)
-    redone = [i for i in records if study.results / f"{i}.json" not in done_before]
-    logs = [(study.runs / i / "train.log").read_text() for i in redone]
-    assert any(log.count("\n$ ") == 2 for log in logs)
-    assert "done 2 / running 0 / left 0 (failed 0)" in rerun.stdout
-    assert f"done {len(done_before)} / running 0" in rerun.stdout  # it knew what was done
 
 
 def test_the_report_takes_the_latency_of_a_retimed_run_for_the_trials_it_names(tmp_path):

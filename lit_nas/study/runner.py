@@ -420,7 +420,8 @@ def _ray_engine(spec: StudySpec, address: str | None, retries: int) -> Executor:
             # a local instance, or a cluster on the loopback interface: this driver's node is 127.0.0.1 too
             # (Ray would take the machine's address and wait forever for a raylet there)
             local = {"_node_ip_address": "127.0.0.1"} if loopback else {}
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+            # no --address: a new local instance ("local"), never a cluster that happens to run here
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, **local)
         # max_retries reruns a task whose worker or node died; a trial that fails is a record, never retried
         task = ray.remote(num_cpus=spec.cpus, num_gpus=spec.gpus, max_retries=retries)(run_job)
         futures = {}
