@@ -89,15 +89,17 @@ class DumpMasks(Callback):
         torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
 
 
-def train_py(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``train.py fit ARGS`` in its own process, in ``cwd`` (so ``runs/`` is the test's own)."""
+def train_py(
+    cwd: Path, *args: str, timeout: float = 300, subcommand: str = "fit"
+) -> subprocess.CompletedProcess:
+    """``train.py SUBCOMMAND ARGS`` in its own process, in ``cwd`` (so ``runs/`` is the test's own)."""
     root = Path(__file__).resolve().parent.parent
     # not this process's W&B service: one started by an in-process test would write the child's run files
     # relative to its own working directory (the checkout)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(root))
     return subprocess.run(
-        [sys.executable, str(root / "train.py"), "fit", *args],
+        [sys.executable, str(root / "train.py"), subcommand, *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -93,20 +93,9 @@ def test_ckpt_path_last_with_nothing_to_resume_starts_fresh_and_says_where(tmp_p
     assert list((run / "snip").glob("*.png")), sorted(str(p) for p in run.rglob("*"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     # test and validate of its checkpoint write nothing into the working directory
-    import subprocess
-    import sys
-
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO_ROOT)}
     for sub in ("test", "validate"):
-        cmd = [sys.executable, str(REPO_ROOT / "train.py"), sub, "--config", TINY_SNIP]
-        done = subprocess.run(
-            [*cmd, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        ckpt = str(run / "checkpoints" / "last.ckpt")
+        done = train(tmp_path, "--config", TINY_SNIP, "--ckpt_path", ckpt, subcommand=sub)
         assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
     assert sorted(p.name for p in run.glob("lit_nas_config*")) == ["lit_nas_config.yaml"]

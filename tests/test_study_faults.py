@@ -20,9 +20,8 @@ from tests.run_helpers import train_py
 from tests.test_study import ROOT, check_report_matches, roots, tiny_spec, write_spec
 
 
-def test_a_tiny_study_runs_on_ray(tmp_path):
-    ray = pytest.importorskip("ray")
-    spec = tiny_spec(tmp_path, grid={"fisher.target_fraction": [0.7]}, baselines={}, resources={"cpus": 1})
+def local_ray(ray) -> None:
+    """A Ray instance of this test's own on the loopback interface (never a cluster running here)."""
     ray.init(
         address="local",
         num_cpus=2,
@@ -30,6 +29,12 @@ def test_a_tiny_study_runs_on_ray(tmp_path):
         log_to_driver=False,
         _node_ip_address="127.0.0.1",
     )
+
+
+def test_a_tiny_study_runs_on_ray(tmp_path):
+    ray = pytest.importorskip("ray")
+    spec = tiny_spec(tmp_path, grid={"fisher.target_fraction": [0.7]}, baselines={}, resources={"cpus": 1})
+    local_ray(ray)
     try:
         study = run_study(spec, engine="ray", out=lambda _: None, **roots(tmp_path))
     finally:
@@ -54,13 +59,7 @@ def test_a_trial_whose_ray_worker_dies_is_retried_and_never_recorded_as_failed(t
     grid = {"fisher.target_fraction": {0.7: killer("once", 1), 0.9: killer("always", 99)}}
     spec = tiny_spec(tmp_path, grid=grid, seeds=[0], baselines={}, resources={"cpus": 1})
     lines: list[str] = []
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
+    local_ray(ray)
     try:
         study = run_study(spec, engine="ray", out=lines.append, infra_retries=1, **roots(tmp_path))
     finally:
