@@ -729,8 +729,8 @@ CASES: list[tuple[str, Callable[[Path], Callable[[], object]], str]] = [
     ("run_dir empty", run_dir_empty, r"--run_dir is empty"),
     ("tflite empty", tflite_file(b""), r"model file .*model.tflite is empty"),
     ("tflite not a model", tflite_file(b"<html>not found</html>"), r"model.tflite is not a TFLite model"),
-    ("host shell characters", ssh_host("pi;touch pwned"), r"invalid ssh host 'pi;touch pwned'"),
-    ("host command substitution", ssh_host("$(touch pwned)"), r"invalid ssh host '\$\(touch pwned\)'"),
+    ("host shell characters", ssh_host("pi;reboot"), r"invalid ssh host 'pi;reboot'"),
+    ("host command substitution", ssh_host("pi$(id)`id`"), r"invalid ssh host 'pi\$\(id\)`id`'"),
 ]
 
 
