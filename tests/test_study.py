@@ -174,7 +174,7 @@ def test_unreadable_specs_and_records_are_named_and_a_study_goes_on(tmp_path, ca
     assert main(["status", str(spec_path), *args]) == 0
     out = capsys.readouterr()
     assert "0 done, 0 failed, 2 left of 2" in out.out
-    assert f"{study.record_path(t0)} is not a trial record" in out.err
+    assert f"{study.record_path(t0)} holds a JSON list, not an object" in out.err
     assert f"{study.record_path(t1)} is not UTF-8 text" in out.err
     # run: a bad timeout is refused before anything runs
     for timeout in ("0", "-5", "nan"):

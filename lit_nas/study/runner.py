@@ -105,11 +105,11 @@ def _normal_priority() -> None:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``; ``None`` when it is missing or holds anything else."""
-    return read_record(path)[0]
+    return read_json_object(path)[0]
 
 
-def read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """``(object, None)`` for a file holding a record; ``(None, why)`` otherwise.
+def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(object, None)`` for a file holding a JSON object; ``(None, why)`` otherwise.
 
     ``why`` names the file and what is wrong with it; it is ``None`` for a missing file.
     """
@@ -123,8 +123,8 @@ def read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{path} is not JSON (line {err.lineno}, column {err.colno}: {err.msg})"
     except OSError as err:
         return None, f"{path} cannot be read ({err.strerror})"
-    if not isinstance(data, dict) or (path.name != "summary.json" and "status" not in data):
-        return None, f"{path} is not a trial record (a JSON object with a status)"
+    if not isinstance(data, dict):
+        return None, f"{path} holds a JSON {type(data).__name__}, not an object"
     return data, None
 
 
@@ -163,7 +163,9 @@ class Study:
         return [r for r in (self._read(p) for p in sorted(self.results.rglob("*.json"))) if r is not None]
 
     def _read(self, path: Path) -> dict[str, Any] | None:
-        record, why = read_record(path)
+        record, why = read_json_object(path)
+        if record is not None and "status" not in record:
+            record, why = None, f"{path} is not a trial record (a JSON object with a status)"
         if why is not None:
             self.unreadable[path] = why
         return record
