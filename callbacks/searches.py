@@ -28,4 +28,7 @@ def refuse_two_searches(trainer: L.Trainer, who: str) -> None:
 
 
 def _key(name: str) -> str:
-    return {"SnipPruning": "snip", "FisherPruning": "fisher", "SwitchL1": "switch_l1"}.get(name, name.lower())
+    """The command-line key of the callback class ``name`` (imported late: ``callbacks`` imports this)."""
+    from callbacks import NAMED_CALLBACKS
+
+    return next(key for key, cls in NAMED_CALLBACKS.items() if cls.__name__ == name)

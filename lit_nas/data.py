@@ -275,12 +275,7 @@ class ImageDataModule(L.LightningDataModule):
             return
         arrays, self._arrays = self._arrays or self._checked_arrays(), None
         train_x, train_y, test_x, test_y = arrays
-        held = self.val_size + self.holdout_size
-        if held >= len(train_y):
-            raise ValueError(
-                f"val_size={self.val_size} + holdout_size={self.holdout_size} leaves no training data "
-                f"(training set: {len(train_y)})"
-            )
+        held = self.val_size + self.holdout_size  # checked against the data in _checked_arrays
         perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
         # the holdout comes after validation, so holdout_size: 0 keeps every earlier run's splits
         val_idx, hold_idx, tr_idx = perm[: self.val_size], perm[self.val_size : held], perm[held:]
