@@ -17,7 +17,7 @@ CONFIG ?= quickstart.yaml
 EXPORT_VENV ?= .venv-export
 EXPORT_STAMP := $(EXPORT_VENV)/.lit_nas-export-installed
 
-.PHONY: setup export-env pi data train test lint bench clean
+.PHONY: setup export-env pi data train test lint bench reports docs clean
 
 setup: $(STAMP) $(EXPORT_STAMP)
 
@@ -65,6 +65,11 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Every committed study report (CSV, markdown, Pareto plots) again from its trial records; git diff shows drift.
+reports: setup
+	@for spec in studies/*.yaml; do $(PY) study.py report $$spec --no-wandb >/dev/null || exit 1; done
+	git status --short studies/results
 
 bench: setup data
 	$(PY) benchmarks/throughput.py

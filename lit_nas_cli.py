@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks import NAMED_CALLBACKS, LastCheckpoint, RunSummary
 from lit_nas.data import DataError, ImageDataModule
 from lit_nas.module import MultiExitModule
+from lit_nas.paths import CONFIG_DIR, REPO_ROOT, find_config
 from lit_nas.runs import (
     RUN_DIR_ENV,
     RunFailure,
@@ -52,8 +53,6 @@ from lit_nas.runs import (
 )
 from lit_nas.yamlfile import YamlFileError, load_yaml
 
-REPO_ROOT = Path(__file__).resolve().parent
-CONFIG_DIR = REPO_ROOT / "configs"
 RUNS_ROOT = Path("runs")
 #: exit status of a run stopped by SIGTERM (128 + 15, as a shell reports it)
 EXIT_SIGTERM = 143
@@ -98,12 +97,8 @@ def check_config_files(argv: Sequence[str]) -> None:
 
 
 def _resolve(name: str, config_dir: Path) -> str:
-    if Path(name).exists():
-        return name
-    for candidate in (config_dir / name, config_dir / f"{name}.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    return name  # let the parser report it
+    found = find_config(name, config_dir)
+    return name if found is None else str(found)  # none: let the parser report it
 
 
 def wandb_logged_in() -> bool:

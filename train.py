@@ -1,7 +1,7 @@
 """Train a lit_nas model: ``python train.py fit --config quickstart.yaml`` (see README).
 
 ``python train.py check FILE`` builds each command line of the JSON list in FILE without training and prints
-their errors (what ``python -m lit_nas.study`` runs before a study's first trial).
+their errors (what ``python study.py`` runs before a study's first trial).
 """
 
 import sys

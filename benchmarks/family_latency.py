@@ -22,7 +22,7 @@ from device_bench.pipeline import time_full_models
 from device_bench.runners import BenchSettings
 from lit_nas import DataShape, NetConfig, build_net
 from lit_nas.cost import count_costs
-from lit_nas.study.spec import resolve_config
+from lit_nas.paths import resolve_config
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import wandb
 import yaml
 
 from lit_nas.module import MultiExitModule
+from lit_nas.paths import resolve_config
 from lit_nas_cli import main as train_main
-from lit_nas_cli import resolve_config_args
 
 
 def static_args(config: dict[str, Any], name: str) -> list[str]:
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="growing_fast.yaml")
     args, extra = parser.parse_known_args()
-    grown_path = Path(resolve_config_args(["--config", args.config])[1])
+    grown_path = resolve_config(args.config)
     config = yaml.safe_load(grown_path.read_text())
     results = {
         "grown": run(grown_path, extra),

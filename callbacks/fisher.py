@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -34,7 +34,7 @@ from lit_nas.fisher import FisherAccumulator, select_channels
 from lit_nas.gates import attach_gates, close_channels, gated_groups
 from lit_nas.latency import LatencyLUT, channel_latency
 from lit_nas.plots import channel_chart
-from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
 from lit_nas.surgery import collect_gated
 from lit_nas.validation import check_choice, check_target, target_of
 
@@ -76,6 +76,8 @@ class FisherPruning(Callback):
         lut: latency look-up tables (JSON of :class:`lit_nas.latency.LatencyLUT`) for the ``latency``
             cost or target; they must cover the network's layers.
     """
+
+    changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
 
     def __init__(
         self,
@@ -137,7 +139,7 @@ class FisherPruning(Callback):
             # then has the same parameter groups either way (the gates are frozen, in the no-decay group)
             attach_gates(module.net, self.groups(module))
 
-    def last_search_epoch(self) -> None:
+    def last_search_epoch(self) -> float | None:
         """Unknown in advance: pruning goes on until the target is met."""
         return None
 

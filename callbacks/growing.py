@@ -9,7 +9,7 @@ Example (YAML, the thesis's schedule)::
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -20,7 +20,7 @@ from typing_extensions import override
 from callbacks.distributed import rewrap_ddp
 from lit_nas.cost import COST_COLUMNS, CostReport, cost_rows, format_costs
 from lit_nas.growing import GROW_INITS, active_blocks_at, check_growable, identity_init, validate_grow_epochs
-from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
 from lit_nas.validation import check_choice
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class Growing(Callback):
             cell first passes its shortcut through).
         keep_find_unused: under DDP, keep ``find_unused_parameters`` after the last growth.
     """
+
+    changes: ClassVar[SearchChanges] = "depth"  # an ArchitectureSearch (lit_nas.protocol)
 
     def __init__(
         self,
@@ -109,7 +111,7 @@ class Growing(Callback):
         """Epoch at which each block activates (block 0 at epoch 0): what pruning schedules plan against."""
         return [0, *self.grow_epochs]
 
-    def last_search_epoch(self) -> int:
+    def last_search_epoch(self) -> float | None:
         """The last epoch at which this callback changes the network."""
         return self.grow_epochs[-1] if self.grow_epochs else 0
 

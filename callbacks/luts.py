@@ -9,17 +9,14 @@ from pathlib import Path
 
 from lit_nas.arch import ArchSpec
 from lit_nas.latency import LatencyLUT
-
-REPO = Path(__file__).resolve().parents[1]  # the checkout: where configs/luts/ lives
+from lit_nas.paths import REPO_ROOT, in_checkout
 
 
 def load_lut(who: str, lut: str) -> LatencyLUT:
     """Read the tables at ``lut``: a path, or one relative to the checkout (``configs/luts/...``)."""
-    path = Path(lut)
-    if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
-        path = REPO / path  # a shipped table, from any working directory
+    path = in_checkout(lut)  # a shipped table, from any working directory
     if not path.is_file():
-        raise ValueError(f"{who} lut {lut!r} does not exist (relative to {Path.cwd()} nor to {REPO})")
+        raise ValueError(f"{who} lut {lut!r} does not exist (relative to {Path.cwd()} nor to {REPO_ROOT})")
     return LatencyLUT.load(path)
 
 

@@ -19,7 +19,7 @@ Example (YAML)::
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -35,7 +35,7 @@ from lit_nas.gates import attach_gates, close_channels, gated_groups
 from lit_nas.latency import LatencyLUT, channel_latency
 from lit_nas.morphnet import dead_channels, expand, penalty, producer_norms
 from lit_nas.plots import channel_chart
-from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
 from lit_nas.surgery import collect_gated
 from lit_nas.validation import check_choice
 
@@ -76,6 +76,8 @@ class MorphNet(Callback):
         budget_value: or in the cost's unit (MFLOPs or ms).
         lut: latency look-up tables (JSON of :class:`lit_nas.latency.LatencyLUT`) for ``cost: latency``.
     """
+
+    changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
 
     def __init__(
         self,
@@ -142,7 +144,7 @@ class MorphNet(Callback):
         self._net: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
-    def last_search_epoch(self) -> float:
+    def last_search_epoch(self) -> float | None:
         """The last epoch that changes the network (``inf``: to the end of training)."""
         if self.until_epoch is None:
             return float("inf")

@@ -16,7 +16,7 @@ Example (YAML)::
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -41,7 +41,7 @@ from lit_nas.netadapt import (
     sample_groups,
 )
 from lit_nas.plots import live_heatmap
-from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
 from lit_nas.surgery import remove_channels
 from lit_nas.validation import check_choice, check_target, target_of
 
@@ -91,6 +91,8 @@ class NetAdapt(Callback):
         lut: latency look-up tables (JSON of :class:`lit_nas.latency.LatencyLUT`) for ``stop_at: latency``.
         seed: seed of the search's own randomness.
     """
+
+    changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
 
     def __init__(
         self,
@@ -166,7 +168,7 @@ class NetAdapt(Callback):
         """The cost of an architecture, in ``stop_at``'s unit."""
         return spec_cost(spec, self.stop_at, self.lut)
 
-    def last_search_epoch(self) -> None:
+    def last_search_epoch(self) -> float | None:
         """Unknown in advance: the search goes on until the target is met."""
         return None
 

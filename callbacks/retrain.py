@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.protocol import ArchitectureSearch, NASModule, nas, require_nas_module
 from lit_nas.reinit import changed_layers, fresh_weights, restart, weights
 from lit_nas.validation import check_choice
 
@@ -114,8 +114,7 @@ class RetrainFromScratch(Callback):
     def _check_schedules(self, trainer: L.Trainer) -> None:
         late = {}
         for cb in trainer.callbacks:
-            last = getattr(cb, "last_search_epoch", None)
-            end = last() if callable(last) else None
+            end = cb.last_search_epoch() if isinstance(cb, ArchitectureSearch) else None
             if end is not None and end >= self.epoch:
                 late[type(cb).__name__] = end
         if late:

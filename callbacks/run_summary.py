@@ -1,6 +1,6 @@
 """``RunSummary``: every fit writes ``summary.json`` in its run directory, and the same values to W&B.
 
-The summary is what a study reads back per trial (``python -m lit_nas.study``), and what a person reads to
+The summary is what a study reads back per trial (``python study.py``), and what a person reads to
 know what a run found without opening its curves:
 
 - ``config``, ``overrides`` (the command line), ``seed``;
@@ -35,10 +35,11 @@ from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
 from lit_nas.latency import LatencyLUT
-from lit_nas.protocol import nas, require_nas_module
+from lit_nas.protocol import ArchitectureSearch, nas, require_nas_module
 from lit_nas.runs import checkpoint_dir, replace_atomically
 from lit_nas.summary import (
     SUMMARY_VERSION,
+    Summary,
     device_figures,
     early_exit_figures,
     finite_or_none,
@@ -117,7 +118,7 @@ class RunSummary(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = self._loop_s()
         self.elapsed_s, self._t0 = loop, None
-        searched = any(_callback(trainer, name) is not None for name in _SEARCH_CLASSES)
+        searched = any(isinstance(cb, ArchitectureSearch) for cb in trainer.callbacks)
         split = {}
         for k, fit in loop.items():
             search = self.search_s[k] if self.search_s is not None else (fit if searched else 0.0)
@@ -145,7 +146,7 @@ class RunSummary(Callback):
             self.write(trainer, pl_module, tested=True)
 
     # ----------------------------------------------------------------------------------------------------
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, tested: bool) -> dict[str, Any] | None:
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule, tested: bool) -> Summary | None:
         """Build the summary of the network in ``pl_module`` and write it (rank 0); the summary."""
         if not trainer.is_global_zero:
             return None
@@ -156,26 +157,24 @@ class RunSummary(Callback):
         device = _callback(trainer, "DeviceBench")
         found = checkpoint_dir(self.run_dir) / "found_arch.yaml"
         masks = found.with_name("found_masks.pt")
-        summary = {
-            "version": SUMMARY_VERSION,
-            "config": self.config,
-            "overrides": self.overrides,
-            "seed": self.seed,
-            "tested": tested,
-            "test_acc": test_figures(metrics, exits) if tested else None,
-            "early_exit": early_exit_figures(getattr(pl_module, "early_exit_results", []))
-            if tested
-            else None,
-            "checkpoint": ckpt,
-            "best_epoch": _epoch_of(ckpt),
-            "epochs": trainer.current_epoch,
+        summary = Summary(
+            version=SUMMARY_VERSION,
+            config=self.config,
+            overrides=self.overrides,
+            seed=self.seed,
+            tested=tested,
+            test_acc=test_figures(metrics, exits) if tested else None,
+            early_exit=early_exit_figures(getattr(pl_module, "early_exit_results", [])) if tested else None,
+            checkpoint=ckpt,
+            best_epoch=_epoch_of(ckpt),
+            epochs=trainer.current_epoch,
             **network_figures(module.net, self.lut),
-            "device": device_figures(getattr(device, "report", None)) if device is not None else None,
-            "wall_s": dict(self.wall),
-            "cpu_s": dict(self.cpu),
-            "found_arch": str(found) if found.is_file() else None,
-            "found_masks": str(masks) if masks.is_file() else None,
-        }
+            device=device_figures(getattr(device, "report", None)) if device is not None else None,
+            wall_s=dict(self.wall),
+            cpu_s=dict(self.cpu),
+            found_arch=str(found) if found.is_file() else None,
+            found_masks=str(masks) if masks.is_file() else None,
+        )
         summary = finite_or_none(summary)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{SUMMARY}.tmp-{os.getpid()}")
@@ -200,8 +199,6 @@ class RunSummary(Callback):
 
 #: the clocks of the training loop's time: wall, and this process's CPU time (all its threads)
 _CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-#: callbacks whose presence makes the training loop a search
-_SEARCH_CLASSES = ("Growing", "SnipPruning", "FisherPruning", "SwitchL1", "GarbageCollection")
 
 
 def _callback(trainer: L.Trainer, name: str) -> Any:

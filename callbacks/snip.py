@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import lightning as L
 import torch
@@ -32,7 +32,7 @@ from lit_nas.gates import attach_gates, close_channels, remove_gates
 from lit_nas.latency import LatencyLUT
 from lit_nas.masks import connectivity_map, kept_count
 from lit_nas.nets.base import ExitLogits
-from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
 from lit_nas.snip import (
     KEEP_SCHEDULES,
     PruneSchedule,
@@ -133,6 +133,8 @@ class SnipPruning(Callback):
         remove_dead_edges: at ``weight`` granularity, remove the edges whose weights are all pruned (exact:
             the network computes the same function, faster).
     """
+
+    changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
 
     def __init__(
         self,
@@ -271,7 +273,7 @@ class SnipPruning(Callback):
         events = self.plan.completing_plan(activation, max_epochs)
         self._planned_last = events[-1][0] if events else None
 
-    def last_search_epoch(self) -> int | None:
+    def last_search_epoch(self) -> float | None:
         """The last epoch at which this callback prunes (known once ``setup`` planned the schedule)."""
         return self._planned_last
 

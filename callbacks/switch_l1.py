@@ -14,7 +14,7 @@ Example (YAML)::
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -28,7 +28,7 @@ from callbacks.searches import refuse_two_searches
 from lit_nas.gates import attach_gates, gated_groups
 from lit_nas.masks import mask_optimizer_state
 from lit_nas.plots import live_heatmap
-from lit_nas.protocol import NASModule, nas, require_nas_module
+from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
 from lit_nas.switches import KILL_STRATEGIES, UPDATES, SignWindow, switch_step
 from lit_nas.validation import check_choice
 
@@ -76,6 +76,8 @@ class SwitchL1(Callback):
         init: initial value of every switch (1: the network starts as it is without switches).
         until_epoch: 0-based epoch from which the switches are frozen and the penalty off; ``None``: never.
     """
+
+    changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
 
     def __init__(
         self,
@@ -143,7 +145,7 @@ class SwitchL1(Callback):
         if not self.initial_sizes:
             self.initial_sizes = {g: p.numel() for g, p in switches.items()}
 
-    def last_search_epoch(self) -> float:
+    def last_search_epoch(self) -> float | None:
         """The last epoch at which the switches change the widths (infinite without ``until_epoch``)."""
         return float("inf") if self.until_epoch is None else self.until_epoch - 1
 

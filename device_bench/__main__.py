@@ -22,6 +22,7 @@ import lit_nas  # noqa: F401  (first: makes torchvision importable next to a CPU
 from device_bench.runners import RUNNERS, BenchSettings, make_runner
 from lit_nas.arch import ArchSpec, DataShape
 from lit_nas.nets.recipe import NetConfig
+from lit_nas.paths import resolve_config
 from lit_nas.yamlfile import load_yaml
 
 DATA = {"fashion_mnist": "lit_nas.data.FashionMNISTDataModule", "cifar10": "lit_nas.data.CIFAR10DataModule"}
@@ -43,9 +44,7 @@ def spec_from_args(args: argparse.Namespace) -> ArchSpec:
 
         check_checkpoint(args.ckpt, "measured")
         return MultiExitModule.spec_from_checkpoint(args.ckpt)
-    from lit_nas_cli import resolve_config_args
-
-    path = resolve_config_args(["--config", args.config])[1]
+    path = resolve_config(args.config)
     config = load_yaml(path, "config")
     if not isinstance(config, dict):
         raise ValueError(f"config {path} must be a mapping of keys; it holds a {type(config).__name__}")

@@ -30,8 +30,8 @@ from lit_nas.arch import ArchSpec
 from lit_nas.gates import fold_gates
 from lit_nas.masks import MASK_SUFFIX, apply_masks, masked_pairs
 from lit_nas.nets import ExitHead, MultiExitNet
+from lit_nas.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PRECISIONS = ("fp32", "int8")
 EXPORT_PYTHON_ENV = "LIT_NAS_EXPORT_PYTHON"
 

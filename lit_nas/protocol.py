@@ -7,7 +7,7 @@ that the LightningModule they were given has them (:func:`require_nas_module`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, cast, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -86,6 +86,41 @@ class NASModule(Protocol):
     def remove_loss_term(self, name: str) -> None:
         """Remove a term added with :meth:`add_loss_term`."""
         ...
+
+
+#: what an architecture search changes: ``depth`` adds blocks (growing), ``width`` chooses the channels or
+#: weights kept (SNIP, Fisher, ShrinkNets switches, NetAdapt, MorphNet)
+SearchChanges = Literal["depth", "width"]
+
+
+@runtime_checkable
+class ArchitectureSearch(Protocol):
+    """A callback that changes the architecture while it trains: a growth or a width search.
+
+    One definition for the three places that ask "which callbacks search?": ``RunSummary`` books the
+    training time before a retraining as search time when one is present, ``RetrainFromScratch`` refuses to
+    restart before the last one ends, and a study's baselines switch off the ``width`` ones.
+    """
+
+    #: what it changes (``depth`` or ``width``)
+    changes: ClassVar[SearchChanges]
+
+    def last_search_epoch(self) -> float | None:
+        """The last epoch at which it changes the network.
+
+        Returns:
+            A whole epoch number; ``math.inf`` when it changes the network up to the end of training; or
+            ``None`` when that is not known in advance (it stops once its target is met).
+        """
+        ...
+
+
+def search_changes(cls_or_callback: object) -> SearchChanges | None:
+    """What a callback (or callback class) implementing :class:`ArchitectureSearch` changes; else ``None``."""
+    cls = cls_or_callback if isinstance(cls_or_callback, type) else type(cls_or_callback)
+    if not callable(getattr(cls, "last_search_epoch", None)):
+        return None
+    return getattr(cls, "changes", None)
 
 
 _MEMBERS = (

@@ -2,16 +2,26 @@
 
 import json
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import FisherPruning, GarbageCollection, RetrainFromScratch, RunSummary, SnipPruning
+from callbacks import (
+    FisherPruning,
+    GarbageCollection,
+    MorphNet,
+    NetAdapt,
+    RetrainFromScratch,
+    RunSummary,
+    SnipPruning,
+)
+from lit_nas.data import SyntheticDataModule
 from lit_nas.summary import shipped_net
 from tests.conftest import tiny_data as data
 from tests.conftest import tiny_module, tiny_trainer
 
 
-def fit_and_test(tmp_path, callbacks, max_epochs=3, **kwargs):
+def fit_and_test(tmp_path, callbacks, max_epochs=3, dm=None, **kwargs):
     module = tiny_module()
     summary = RunSummary(str(tmp_path / "run"), "tiny", overrides=["--x", "1"], seed=0)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "run" / "checkpoints"), monitor="val/acc", mode="max")
@@ -22,7 +32,7 @@ def fit_and_test(tmp_path, callbacks, max_epochs=3, **kwargs):
         enable_checkpointing=True,
         **kwargs,
     )
-    dm = data()
+    dm = dm or data()
     trainer.fit(module, datamodule=dm)
     fitted = json.loads(summary.path.read_text())
     trainer.test(module, datamodule=dm, ckpt_path=ckpt.best_model_path)
@@ -68,6 +78,26 @@ def test_summary_counts_the_network_after_garbage_collection(tmp_path):
     shipped = {**module.arch_spec.to_dict(), "gated": {}}  # the shipped network: gates folded
     assert s["arch"] == shipped and s["found_arch"].endswith("found_arch.yaml")
     assert s["wall_s"]["search"] == s["wall_s"]["fit"] and s["wall_s"]["retrain"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "search",
+    [
+        lambda: NetAdapt(
+            stop_at="flops", target_fraction=0.9, step_fraction=0.05, start_epoch=1, short_term_batches=1
+        ),
+        lambda: MorphNet(strength=30.0, threshold=0.2, until_epoch=1, budget_fraction=1.0),
+        lambda: None,  # negative control: a plain run has no search time
+    ],
+    ids=["netadapt", "morphnet", "plain"],
+)
+def test_every_architecture_search_books_its_time_as_search(tmp_path, search):
+    callback = search()
+    dm = SyntheticDataModule(num_train=208, num_test=64, input_size=16, batch_size=32, holdout_size=48)
+    _, _, _, _, s = fit_and_test(tmp_path, [callback] if callback else [], max_epochs=2, dm=dm)
+    wall = s["wall_s"]
+    assert wall["fit"] > 0 and wall["retrain"] == 0.0
+    assert wall["search"] == (wall["fit"] if callback else 0.0)
 
 
 class Probe(RunSummary):

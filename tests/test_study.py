@@ -2,7 +2,11 @@
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from lit_nas.study.report import (
+from lit_nas.summary import SUMMARY_VERSION, Summary
+from lit_nas_study.report import (
     COSTS,
     PointStats,
     at_equal_cost,
@@ -19,8 +24,8 @@ from lit_nas.study.report import (
     pareto_front,
     write_report,
 )
-from lit_nas.study.runner import Study, run_study
-from lit_nas.study.spec import StudySpec, StudySpecError, point_id, scaled_widths
+from lit_nas_study.runner import Study, run_study
+from lit_nas_study.spec import StudySpec, StudySpecError, point_id, scaled_widths
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "configs" / "tiny_search.yaml")
@@ -130,7 +135,7 @@ def test_a_study_name_that_is_a_path_is_refused_and_nothing_is_written(tmp_path,
 
 
 def test_every_path_a_study_writes_lies_under_its_roots(tmp_path):
-    from lit_nas.study.spec import within
+    from lit_nas_study.spec import within
 
     spec = tiny_spec(tmp_path)
     study = Study(spec, **{k.replace("_root", "") + "_root": v for k, v in roots(tmp_path).items()})
@@ -145,7 +150,7 @@ def test_every_path_a_study_writes_lies_under_its_roots(tmp_path):
 
 
 def test_unreadable_specs_and_records_are_named_and_a_study_goes_on(tmp_path, capsys):
-    from lit_nas.study.__main__ import main
+    from lit_nas_study.__main__ import main
 
     bad = tmp_path / "binary.yaml"
     bad.write_bytes(b"\x80\x81 secret-token")
@@ -180,6 +185,43 @@ def test_unreadable_specs_and_records_are_named_and_a_study_goes_on(tmp_path, ca
     for timeout in ("0", "-5", "nan"):
         assert main(["run", str(spec_path), *args, "--timeout", timeout]) == 2
         assert "timeout must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_a_summary_of_another_version_is_refused_naming_both_versions(tmp_path, capsys):
+    from lit_nas_study.__main__ import main
+    from lit_nas_study.runner import run_job
+
+    spec_path = write_spec(tmp_path, grid={"fisher.target_fraction": [0.7]}, baselines={})
+    spec = StudySpec.load(spec_path)
+    study = Study(spec, **roots(tmp_path))
+    t0, t1 = spec.trials()[:2]
+    summary = {**dict.fromkeys(Summary.__required_keys__), "tested": True, "version": SUMMARY_VERSION + 1}
+    study.save(t0, {"id": t0.id, "status": "done", "summary": summary})
+    study.save(t1, {"id": t1.id, "status": "done", "summary": {**summary, "version": SUMMARY_VERSION}})
+    args = ["--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
+    assert main(["status", str(spec_path), *args]) == 0
+    out = capsys.readouterr()
+    assert "1 done, 0 failed, 1 left of 2" in out.out  # the record of this version is read (control)
+    assert f"version {SUMMARY_VERSION + 1}; this code reads version {SUMMARY_VERSION}" in out.err
+    # a trial that left a summary of another version in its run directory is not taken as done
+    job = study.job(t0, 1, None)
+    Path(job.run_dir).mkdir(parents=True)
+    (Path(job.run_dir) / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "fake_train.py").write_text("")  # a trial that exits 0 and writes nothing
+    record = run_job(replace(job, train_py=str(tmp_path / "fake_train.py")))
+    assert record["status"] == "failed"
+    assert f"version {SUMMARY_VERSION + 1}; this code reads version {SUMMARY_VERSION}" in record["error"]
+
+
+def test_the_old_study_command_runs_the_new_one(tmp_path):
+    spec_path = write_spec(tmp_path, grid={"fisher.target_fraction": [0.7]}, baselines={})
+    args = ["status", str(spec_path), "--results", str(tmp_path / "r"), "--runs", str(tmp_path / "s")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    old = subprocess.run(
+        [sys.executable, "-m", "lit_nas.study", *args], env=env, capture_output=True, text=True
+    )
+    assert old.returncode == 0, old.stderr
+    assert "0 done, 0 failed, 2 left of 2" in old.stdout and "python study.py status" in old.stderr
 
 
 def test_trials_whose_settings_are_refused_fail_before_any_trial_runs(tmp_path):
@@ -361,3 +403,18 @@ def test_costs_cover_the_summary_fields():
     assert [COSTS[c][1](s) for c in ("params", "mflops", "latency_ms")] == [40, 4.0, 2.5]
     s.update(nonzero_params=None, device=None, lut_latency_ms={"0": 1.0, "3": 3.0})
     assert [COSTS[c][1](s) for c in ("params", "mflops", "latency_ms")] == [100, 4.0, 3.0]
+
+
+COMMITTED = sorted(p.stem for p in (ROOT / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_a_committed_report_regenerates_byte_identical_from_its_records(tmp_path, name):
+    spec = StudySpec.load(ROOT / "studies" / f"{name}.yaml")
+    study = Study(spec, ROOT / "studies" / "results", tmp_path / "runs")
+    written = write_report(spec, study, tmp_path / name, wandb=False)
+    assert written, f"{name}: no report written"
+    for path in written:
+        committed = ROOT / "studies" / "results" / name / Path(path).name
+        assert committed.is_file(), f"{committed} is not committed (make reports)"
+        assert Path(path).read_bytes() == committed.read_bytes(), f"{committed} is stale: run make reports"

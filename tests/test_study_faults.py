@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_nas.study.runner import Study, run_study
-from lit_nas.study.spec import StudySpec
+from lit_nas_study.runner import Study, run_study
+from lit_nas_study.spec import StudySpec
 from tests.run_helpers import train_py
 from tests.test_study import ROOT, check_report_matches, roots, tiny_spec, write_spec
 
@@ -156,7 +156,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_a_study_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path):
     spec_path = write_spec(tmp_path, grid={"fisher.target_fraction": [0.7, 0.9]}, seeds=[0], name="killed")
     spec = StudySpec.load(spec_path)
-    cmd = [sys.executable, "-m", "lit_nas.study", "run", str(spec_path)]
+    cmd = [sys.executable, str(ROOT / "study.py"), "run", str(spec_path)]
     cmd += ["--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL)

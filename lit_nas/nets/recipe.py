@@ -6,8 +6,10 @@ kinds, and the WRN-d-k recipe of ``wide_resnet`` (:func:`lit_nas.nets.resnet_sdn
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import Any
 
 from lit_nas.arch import ArchSpec, CellSpec, DataShape
 from lit_nas.nets.mobilenet import MOBILE_KINDS, mobile_cells
@@ -179,3 +181,30 @@ class NetConfig:
                 )
                 prev = width
         return cells
+
+
+def scale_widths(net: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
+    """The recipe ``net`` (a ``model.init_args.net`` mapping) with every width scaled by ``multiplier``.
+
+    Every width, the stem's included, is rounded and at least 1. A WRN-d-k recipe is written out
+    (``resnet_sdn`` with the WRN's stages: the same network), since its widths come from ``widen_factor``;
+    so is a mobile family's ``blocks``/``width`` layout (the same kind, with its stages). Other keys are kept.
+
+    Raises:
+        ValueError: ``multiplier`` is not positive, or ``net`` is not a valid recipe.
+    """
+    if multiplier <= 0:
+        raise ValueError(f"width multipliers must be > 0; got {multiplier}")
+    try:
+        resolved = NetConfig(**net)  # the layout the recipe means (WRN-d-k and blocks/width expanded)
+    except TypeError as err:
+        raise ValueError(f"not a network recipe: {err}") from None
+    out = dict(net)
+    if net.get("depth") is not None:
+        out.update(kind="resnet_sdn", depth=None, widen_factor=None, cells_per_stage=resolved.cells_per_stage)
+    elif net.get("width") is not None:
+        out.update(blocks=None, width=None, cells_per_stage=resolved.cells_per_stage)
+    stem = resolved.stem_width or resolved.stage_widths[0]
+    out["stage_widths"] = [max(1, round(w * multiplier)) for w in resolved.stage_widths]
+    out["stem_width"] = max(1, round(stem * multiplier))
+    return out

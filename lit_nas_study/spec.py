@@ -43,15 +43,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from callbacks import NAMED_CALLBACKS
+from lit_nas import paths
+from lit_nas.nets.recipe import scale_widths
+from lit_nas.protocol import search_changes
 from lit_nas.validation import check_choice
 from lit_nas.yamlfile import YamlFileError, load_yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
-#: callback keys that search (switched off in baselines unless a family's ``without`` says otherwise)
-SEARCH_KEYS = ("snip", "fisher", "switch_l1", "netadapt", "morphnet", "gc", "retrain")
-#: also off when a found network is trained plainly: it is already grown and searched
-FOUND_OFF = ("growing", *SEARCH_KEYS, "distillation", "device_bench", "publish")
+#: callback keys switched off in baselines unless a family's ``without`` says otherwise: the width searches
+#: (:class:`lit_nas.protocol.ArchitectureSearch` with ``changes == "width"``), the collection of what they
+#: removed, and the retraining after them; growth stays, it is the recipe's training schedule
+SEARCH_KEYS = (
+    *(key for key, cls in NAMED_CALLBACKS.items() if search_changes(cls) == "width"),
+    "gc",
+    "retrain",
+)
+#: every callback is off when a found network is trained plainly: it is already grown and searched
+FOUND_OFF = tuple(NAMED_CALLBACKS)
 NET = "model.init_args.net"
 _SPEC_KEYS = (
     "name",
@@ -401,38 +409,21 @@ def load_config(path: Path) -> dict[str, Any]:
 
 def resolve_config(name: str) -> Path:
     """A config name under ``configs/`` or a path; :class:`StudySpecError` when neither exists."""
-    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate.resolve()
-    known = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
-    raise StudySpecError(f"unknown config {name!r}: not a file, nor one of configs/: {known}")
+    try:
+        return paths.resolve_config(name)
+    except paths.ConfigNotFoundError as err:
+        raise StudySpecError(str(err)) from None
 
 
 def scaled_widths(net: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
     """The override (the whole ``model.init_args.net``) that scales every width of ``net`` by ``multiplier``.
 
-    Every width, the stem's included, is rounded and at least 1. A WRN-d-k recipe is written out
-    (``resnet_sdn`` with the WRN's stages: the same network), since its widths come from ``widen_factor``;
-    so is a mobile family's ``blocks``/``width`` layout (the same kind, with its stages).
+    The recipe itself comes from :func:`lit_nas.nets.recipe.scale_widths`.
     """
-    if multiplier <= 0:
-        raise StudySpecError(f"width multipliers must be > 0; got {multiplier}")
-    from lit_nas.nets.resnet_sdn import wrn_stages
-
-    out = dict(net)
-    if net.get("depth") is not None:
-        widths, cells, stem = wrn_stages(int(net["depth"]), net.get("widen_factor"))
-        out.update(kind="resnet_sdn", depth=None, widen_factor=None, cells_per_stage=cells)
-    elif net.get("width") is not None:  # the mobile families' WRN layout (blocks, width), written out
-        w, n = int(net["width"]), int(net.get("blocks") or 3) // 3
-        widths, stem = [w, 2 * w, 4 * w], 16
-        out.update(blocks=None, width=None, cells_per_stage=[n, n, n])
-    else:
-        widths = list(net.get("stage_widths", [16, 32, 64]))
-        stem = net.get("stem_width") or widths[0]
-    out["stage_widths"] = [max(1, round(w * multiplier)) for w in widths]
-    out["stem_width"] = max(1, round(stem * multiplier))
-    return {NET: out}
+    try:
+        return {NET: scale_widths(net, multiplier)}
+    except ValueError as err:
+        raise StudySpecError(str(err)) from None
 
 
 def _product(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:

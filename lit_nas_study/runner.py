@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lit_nas.study.spec import REPO_ROOT, SEARCH, StudySpec, StudySpecError, Trial, within
+from lit_nas.paths import REPO_ROOT
+from lit_nas.summary import Summary, SummaryError, check_summary
+from lit_nas_study.spec import SEARCH, StudySpec, StudySpecError, Trial, within
 
 #: how often Ray reruns a trial whose worker or node died (the trial's own failures are never retried)
 INFRA_RETRIES = 2
@@ -57,8 +59,8 @@ def run_job(job: Job) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     start = time.time()
     record: dict[str, Any] = {"id": job.trial_id, "args": list(job.args), "run_dir": job.run_dir}
-    existing = _read_json(summary_path)
-    if existing is not None and existing.get("tested"):  # finished, but its record was not written
+    existing, why = _read_summary(summary_path)
+    if existing is not None and existing["tested"]:  # finished, but its record was not written
         return {**record, "status": "done", "summary": existing, "wall_s": 0.0, "reused": True}
     cmd = [job.python, job.train_py, "fit", *job.args, "--run_dir", job.run_dir, "--ckpt_path", "last"]
     threads = str(job.threads)
@@ -88,11 +90,12 @@ def run_job(job: Job) -> dict[str, Any]:
         rc = "timeout"
     record["wall_s"] = time.time() - start
     record["rc"] = rc
-    summary = _read_json(summary_path)
-    if rc == 0 and summary is not None and summary.get("tested"):
+    summary, why = _read_summary(summary_path)
+    if rc == 0 and summary is not None and summary["tested"]:
         return {**record, "status": "done", "summary": summary}
     reason = f"timed out after {job.timeout_s} s" if rc == "timeout" else f"exit status {rc}"
-    return {**record, "status": "failed", "error": f"{reason}: {_last_error(log)}", "log": str(log)}
+    error = why if rc == 0 and why is not None else f"{reason}: {_last_error(log)}"
+    return {**record, "status": "failed", "error": error, "log": str(log)}
 
 
 def _normal_priority() -> None:
@@ -103,9 +106,18 @@ def _normal_priority() -> None:
         pass  # lowering the niceness needs privileges; the trial runs as niced as its worker
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``; ``None`` when it is missing or holds anything else."""
-    return read_json_object(path)[0]
+def _read_summary(path: Path) -> tuple[Summary | None, str | None]:
+    """``(summary, None)`` for a ``summary.json`` of this layout; ``(None, why)`` otherwise.
+
+    ``why`` is ``None`` for a missing file.
+    """
+    data, why = read_json_object(path)
+    if data is None:
+        return None, why
+    try:
+        return check_summary(data, str(path)), None
+    except SummaryError as err:
+        return None, str(err)
 
 
 def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -166,6 +178,11 @@ class Study:
         record, why = read_json_object(path)
         if record is not None and "status" not in record:
             record, why = None, f"{path} is not a trial record (a JSON object with a status)"
+        elif record is not None and record["status"] == "done":
+            try:
+                check_summary(record.get("summary") or {}, f"the summary in {path}")
+            except SummaryError as err:
+                record, why = None, str(err)
         if why is not None:
             self.unreadable[path] = why
         return record

@@ -16,7 +16,7 @@ regenerate it from the committed ``studies/results/NAME/trials``:
 - ``NAME_<cost>.png``: accuracy vs parameters, MFLOPs and (when measured) latency, searched series against
   the baseline families, error bars of one standard deviation on both axes, the Pareto front ringed.
 
-Latency measured while other trials train is noisy. ``benchmarks/retime_study.py`` times every trial's
+Latency measured while other trials train is noisy. ``python study.py retime`` times every trial's
 network again in one quiet, shuffled run and writes ``studies/results/NAME/retimed.json``; when that file
 exists, its fp32 figures are the latency of the trials it names (the table says so).
 """
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from lit_nas.study.runner import Study
-from lit_nas.study.spec import FOUND, SEARCH, StudySpec, point_id
+from lit_nas_study.runner import Study
+from lit_nas_study.spec import FOUND, SEARCH, StudySpec, point_id
 
 #: cost axes: key -> (label, reads the cost of a trial's summary)
 COSTS: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {}
@@ -109,7 +109,7 @@ RETIMED = "retimed.json"
 
 
 def retimed(study: Study) -> dict[str, Any] | None:
-    """``studies/results/NAME/retimed.json`` (``benchmarks/retime_study.py``), or ``None`` without one."""
+    """``studies/results/NAME/retimed.json`` (``python study.py retime``), or ``None`` without one."""
     path = study.results.parent / RETIMED
     return json.loads(path.read_text()) if path.is_file() else None
 
