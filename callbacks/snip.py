@@ -26,17 +26,17 @@ from typing_extensions import override
 
 from callbacks.artifacts import log_picture, write_found
 from callbacks.distributed import check_strategy, rewrap_ddp
-from callbacks.luts import check_covers, load_lut
+from callbacks.luts import check_covers, lut_for
 from callbacks.searches import refuse_two_searches
-from lit_nas.gates import attach_gates, close_channels, remove_gates
 from lit_nas.latency import LatencyLUT
 from lit_nas.masks import connectivity_map, kept_count
 from lit_nas.nets.base import ExitLogits
 from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
 from lit_nas.snip import (
     KEEP_SCHEDULES,
+    UNIT_KINDS,
     PruneSchedule,
-    block_units,
+    StructuredUnits,
     keep_ratio_steps,
     keep_ratios,
     rank_units,
@@ -44,19 +44,16 @@ from lit_nas.snip import (
     removal_to_budget,
     snip_block_masks,
     snip_scores,
-    spec_without,
-    unit_owner,
 )
-from lit_nas.surgery import collect_gated, dead_edges, remove_edges
+from lit_nas.surgery import dead_edges, remove_edges
 from lit_nas.validation import check_choice
 
 log = logging.getLogger(__name__)
 
 MODES = ("one_shot", "iterative")
 CRITERION_LOSSES = ("sum", "final")
-GRANULARITIES = ("weight", "filter", "edge")
+GRANULARITIES = tuple(UNIT_KINDS)
 STOP_AT = ("count", "latency")
-UNITS = {"weight": "weights", "filter": "channels", "edge": "edges"}
 _WHO = "SnipPruning"
 
 
@@ -80,17 +77,17 @@ class SnipPruning(Callback):
     pruned weight. Scores use the current weights (``reinit: false``, thesis section 4.2) or, as original
     SNIP, a fresh He-normal re-initialisation that is undone after scoring (``reinit: true``).
 
-    **Granularity.** ``weight`` (the thesis) masks single weights. ``filter`` ranks conv output channels,
-    each scored by the summed sensitivity of every filter producing it (:func:`lit_nas.snip.filter_scores`;
-    a residual stream's channel sums its stem, cell and projection filters), keeps ``ratio`` of the
-    block's channels (the channel groups whose first producer is in the block, at least one per group),
-    closes the others' channel gates and collects them at once (:func:`lit_nas.surgery.collect_gated`): the
-    network gets narrower. ``edge`` ranks the (source -> target cell) edges of the dense concatenation, each
-    scored by the summed sensitivity of its input slice, keeps ``ratio`` of the block's edges (at least one
-    per cell) and removes the others (:func:`lit_nas.surgery.remove_edges`): the cells read fewer features.
-    Surgery slices the optimizer state with the weights and records the new shapes in the ArchSpec, so
-    checkpoints, ``found_arch.yaml``, FLOPs, look-up tables and the export follow. At ``weight``
-    granularity, an edge whose weights are all pruned is removed too (``remove_dead_edges``).
+    **Granularity.** ``weight`` (the thesis) masks single weights. ``filter`` ranks conv output channels, each
+    scored by the summed sensitivity of every filter producing it (:func:`lit_nas.snip.filter_scores`; a
+    residual stream's channel sums its stem, cell and projection filters), keeps ``ratio`` of the block's
+    channels (the channel groups whose first producer is in the block, at least one per group), and removes
+    the others at once (:class:`lit_nas.snip.FilterUnits`): the network gets narrower. ``edge`` ranks the
+    (source -> target cell) edges of the dense concatenation, each scored by the summed sensitivity of its
+    input slice, keeps ``ratio`` of the block's edges (at least one per cell) and removes the others
+    (:func:`lit_nas.surgery.remove_edges`): the cells read fewer features. Surgery slices the optimizer state
+    with the weights and records the new shapes in the ArchSpec, so checkpoints, ``found_arch.yaml``, FLOPs,
+    look-up tables and the export follow. At ``weight`` granularity, an edge whose weights are all pruned is
+    removed too (``remove_dead_edges``).
 
     **Budget.** ``stop_at: latency`` (``filter`` and ``edge``) reads ``keep_ratio`` as the fraction of each
     block's latency to keep, predicted by the look-up tables ``lut`` (:meth:`LatencyLUT.block_ms
@@ -160,21 +157,16 @@ class SnipPruning(Callback):
         check_choice(_WHO, "mode", mode, MODES)
         check_choice(_WHO, "granularity", granularity, GRANULARITIES)
         check_choice(_WHO, "stop_at", stop_at, STOP_AT)
-        if include_exits and granularity != "weight":
+        #: the unit kind pruned (lit_nas.snip.UNIT_KINDS): what is scored, the units, their removal
+        self.units = UNIT_KINDS[granularity]
+        if include_exits and self.units.structured:
             raise ValueError(f"{_WHO} include_exits prunes the exits' weights: it needs granularity 'weight'")
-        self.lut: LatencyLUT | None = None
-        if stop_at == "latency":
-            if granularity == "weight":
-                raise ValueError(
-                    f"{_WHO} stop_at 'latency' needs granularity 'filter' or 'edge': scattered zero weights "
-                    "do not make the exported network faster"
-                )
-            if lut is None:
-                raise ValueError(
-                    f"{_WHO} stop_at 'latency' needs lut: the path of latency look-up tables built for this "
-                    "network (python -m device_bench lut --config ... --out lut.json)"
-                )
-            self.lut = load_lut(_WHO, lut)
+        if stop_at == "latency" and not self.units.structured:
+            raise ValueError(
+                f"{_WHO} stop_at 'latency' needs granularity 'filter' or 'edge': scattered zero weights "
+                "do not make the exported network faster"
+            )
+        self.lut = lut_for(_WHO, "stop_at: latency" if stop_at == "latency" else None, lut)
         self.granularity = granularity
         self.stop_at = stop_at
         self.remove_dead_edges = remove_dead_edges
@@ -203,7 +195,7 @@ class SnipPruning(Callback):
         self.history: list[tuple[int, int, int, float, int, int]] = []
         self._checked_epoch = -1
         self._restored = False
-        self._surgery = granularity != "weight" or remove_dead_edges
+        self._surgery = self.units.structured or remove_dead_edges
         self.found_paths: tuple[Path, Path | None] | None = None
         self._planned_last: int | None = None  # last pruning epoch of the planned schedule
 
@@ -255,11 +247,10 @@ class SnipPruning(Callback):
         empty = [b for b, ws in module.prunable_weights(self.include_exits).items() if not ws]
         if empty:
             raise ValueError(f"SnipPruning: blocks {empty} have no conv or linear weights to prune")
-        if self.granularity == "edge" and not module.arch_spec.dense:
-            raise ValueError(
-                f"{_WHO} granularity 'edge' prunes the edges of the dense concatenation; the "
-                f"{module.arch_spec.kind} network has dense: false (use granularity 'weight' or 'filter')"
-            )
+        try:
+            self.units.check_network(module.arch_spec)
+        except ValueError as err:
+            raise ValueError(f"{_WHO} {err}") from None
         check_covers(_WHO, self.lut, module.arch_spec)
         self._check_plan(trainer, n, max_epochs)
 
@@ -279,7 +270,7 @@ class SnipPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._surgery = self.granularity != "weight" or self.remove_dead_edges
+        self._surgery = self.units.structured or self.remove_dead_edges
         if self._surgery:
             check_strategy(_WHO, trainer)
         if not self._restored:  # a fresh run: forget any previous fit of this callback object
@@ -322,27 +313,16 @@ class SnipPruning(Callback):
 
     def _prune(self, trainer: L.Trainer, module: NASModule, blocks: list[int], epoch: int) -> None:
         net = module.net
-        if self.granularity == "edge":
-            params = {
-                f"net.{net.cell_input_layer(i)}.weight": None
-                for b in blocks
-                for i in net.spec.cells_of_block(b)
-            }
-            scope = {n: p for ws in module.prunable_weights().values() for n, p in ws.items() if n in params}
-        elif self.granularity == "filter":  # a stream's filters may lie in other blocks than its owner
-            scope = {n: p for ws in module.prunable_weights().values() for n, p in ws.items()}
-        else:
-            scope = {n: p for b in blocks for n, p in module.prunable_weights(self.include_exits)[b].items()}
+        scope = self.units.scope(module.prunable_weights(self.include_exits), net, blocks)
         scores = self._scores(trainer, module, scope, epoch)
         ratios = self.ratios(module.arch_spec.num_blocks)
         done = self.steps_done
-        rows = []
         before = module.arch_spec.to_dict()
-        if self.granularity == "weight":
-            rows = self._prune_weights(trainer, module, blocks, scores, ratios, done, epoch)
+        if isinstance(self.units, StructuredUnits):
+            rows = self._prune_units(trainer, module, self.units, blocks, scores, ratios, done, epoch)
         else:
-            rows = self._prune_units(trainer, module, blocks, scores, ratios, done, epoch)
-        if self.granularity == "weight" and self._surgery:
+            rows = self._prune_weights(trainer, module, blocks, scores, ratios, done, epoch)
+        if not self.units.structured and self.remove_dead_edges:
             dead = dead_edges(net, module.masks(), prefix="net.")
             if dead:
                 module.set_arch_spec(remove_edges(net, dead, trainer.optimizers))
@@ -381,42 +361,33 @@ class SnipPruning(Callback):
         module.set_masks(trainer.strategy.broadcast(new, src=0))
         return rows
 
-    def _prune_units(self, trainer, module, blocks, scores, ratios, done, epoch) -> list[tuple]:
+    def _prune_units(self, trainer, module, kind, blocks, scores, ratios, done, epoch) -> list[tuple]:
         """Filters or edges: rank each block's units, remove the lowest (surgery), one row per block."""
         net = module.net
-        units = block_units(net, self.granularity, scores, blocks, prefix="net.")
+        units = kind.units(net, scores, blocks, prefix="net.")
         removed: list = []
         rows = []
         for b in blocks:
-            ranked = rank_units(units[b], {u: unit_owner(self.granularity, u) for u in units[b]})
+            ranked = rank_units(units[b], {u: kind.owner(u) for u in units[b]})
             first = self._initial_units(b, module.arch_spec, len(units[b]))
             step = done.get(b, 0)
             target = self._target(ratios[b], step)
             if self.stop_at == "latency":
-                n = self._to_budget(net, removed, ranked, b, target * first[1])
+                n = self._to_budget(kind, net, removed, ranked, b, target * first[1])
             else:
                 n = min(len(ranked), max(0, len(units[b]) - round(target * first[0])))
             removed += ranked[:n]
             rows.append((epoch, b, step + 1, target, len(units[b]) - n, first[0]))
-        removed = trainer.strategy.broadcast(removed, src=0)
-        if self.granularity == "filter":
-            groups = sorted({g for g, _ in removed} - set(net.spec.gated))
-            attach_gates(net, groups)
-            close_channels(net, removed)
-            collect_gated(net, trainer.optimizers)
-            remove_gates(net, groups)  # all ones once collected; the optimizer never held them
-            module.set_arch_spec(net.spec)
-        elif removed:
-            module.set_arch_spec(remove_edges(net, removed, trainer.optimizers))
+        removed = trainer.strategy.broadcast(removed, src=0)  # rank 0's choice on every rank
+        if removed:
+            module.set_arch_spec(kind.remove(net, removed, trainer.optimizers))
         return rows
 
-    def _to_budget(self, net: Any, removed: list, ranked: list, block: int, budget: float) -> int:
+    def _to_budget(self, kind, net: Any, removed: list, ranked: list, block: int, budget: float) -> int:
         """Fewest of ``ranked`` to remove (after ``removed``) for the block's predicted latency <= budget."""
         lut = cast(LatencyLUT, self.lut)
         return removal_to_budget(
-            ranked,
-            lambda k: lut.block_ms(spec_without(net, self.granularity, removed + ranked[:k]), block),
-            budget,
+            ranked, lambda k: lut.block_ms(kind.spec_without(net, removed + ranked[:k]), block), budget
         )
 
     def _initial_units(self, block: int, spec, units: int) -> tuple[int, float]:
@@ -455,7 +426,7 @@ class SnipPruning(Callback):
         lines = [f"\nSnipPruning at epoch {epoch} ({self.mode}, reinit={self.reinit}):"]
         lines += [
             f"  block {b}: step {s}/{self.steps}, keep {t:.3f}{' of its latency' if self.lut else ''} -> "
-            f"{k:,}/{n:,} {UNITS[self.granularity]} kept"
+            f"{k:,}/{n:,} {self.units.noun} kept"
             for _, b, s, t, k, n in rows
         ]
         lines.append(f"  dead edges: {len(dead)}/{cmap.num_edges}" + (f" {dead}" if dead else ""))

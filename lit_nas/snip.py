@@ -10,7 +10,8 @@ its mask at ``c = 1``, ``|dL/dc| = |g * w|`` with ``g = dL/dw``. Ranking is loca
 Coarser units rank by the summed sensitivity of their weights: a conv output channel (:func:`filter_scores`,
 over every filter producing it) or an edge of the dense concatenation (:func:`edge_scores`, over the input
 slice of the target cell's first conv). :func:`rank_units` orders them for removal, and
-:func:`removal_to_budget` removes as few as meet a latency budget.
+:func:`removal_to_budget` removes as few as meet a latency budget. Each granularity is one object of
+:data:`UNIT_KINDS`: what it scores, its units, what must keep one, and its removal.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from lit_nas.arch import ArchSpec
 from lit_nas.nets.base import ChannelGroup, MultiExitNet
-from lit_nas.surgery import edge_removed_spec
+from lit_nas.surgery import edge_removed_spec, remove_channels, remove_edges
 
 KEEP_SCHEDULES = ("geometric", "linear")
 
@@ -376,44 +377,173 @@ def removal_to_budget(ranked: Sequence[Hashable], cost: Callable[[int], float], 
     return bisect.bisect_left(range(len(ranked)), True, key=lambda k: cost(k) <= budget)
 
 
-def block_units(
-    net: MultiExitNet,
-    granularity: str,
-    scores: Mapping[str, Tensor],
-    blocks: Iterable[int],
-    prefix: str = "",
-) -> dict[int, dict[tuple, float]]:
-    """The removable units of each block and their scores.
+class WeightUnits:
+    """``weight`` granularity (the thesis): single weights, masked; the units of the block they lie in."""
 
-    ``filter``: ``(group, channel)`` of the channel groups the block owns (:func:`group_block`); ``edge``:
-    ``(source feature, target cell)`` of the live edges into the block's cells.
+    name = "weight"
+    #: what the log counts
+    noun = "weights"
+    #: units are removed by surgery (a narrower network), not masked
+    structured = False
+
+    def scope(
+        self, weights: Mapping[int, Mapping[str, nn.Parameter]], net: MultiExitNet, blocks: Sequence[int]
+    ) -> dict[str, nn.Parameter]:
+        """The weights scored to prune ``blocks``: their own (``weights`` is ``prunable_weights()``)."""
+        return {n: p for b in blocks for n, p in weights[b].items()}
+
+    def check_network(self, spec: ArchSpec) -> None:
+        """Nothing to check: every network has weights."""
+
+
+class StructuredUnits:
+    """A granularity whose units are removed by surgery: filters or edges (:data:`UNIT_KINDS`).
+
+    The four things a unit kind decides, in one place: which weights are scored (:meth:`scope`), what the
+    units are and their scores (:meth:`units`), what must keep one of them (:meth:`owner`), and the network
+    once some are gone (:meth:`spec_without`, :meth:`remove`).
     """
-    blocks = list(blocks)
-    spec = net.spec
-    if granularity == "filter":
+
+    name: str
+    noun: str
+    structured = True
+
+    def scope(
+        self, weights: Mapping[int, Mapping[str, nn.Parameter]], net: MultiExitNet, blocks: Sequence[int]
+    ) -> dict[str, nn.Parameter]:
+        """The weights whose scores rank the units of ``blocks`` (``weights``: ``prunable_weights()``)."""
+        raise NotImplementedError
+
+    def units(
+        self, net: MultiExitNet, scores: Mapping[str, Tensor], blocks: Sequence[int], prefix: str = ""
+    ) -> dict[int, dict[tuple, float]]:
+        """The removable units of each block and their scores."""
+        raise NotImplementedError
+
+    def owner(self, unit: tuple) -> Hashable:
+        """What must keep one unit (:func:`rank_units`)."""
+        raise NotImplementedError
+
+    def spec_without(self, net: MultiExitNet, removed: Iterable[tuple]) -> ArchSpec:
+        """The ArchSpec once the units ``removed`` are gone; ``net`` is untouched."""
+        raise NotImplementedError
+
+    def remove(
+        self, net: MultiExitNet, removed: Sequence[tuple], optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> ArchSpec:
+        """Remove the units from ``net`` (optimizer state sliced with the weights); the new ArchSpec."""
+        raise NotImplementedError
+
+    def check_network(self, spec: ArchSpec) -> None:
+        """``ValueError`` when ``spec`` has no units of this kind."""
+
+
+class FilterUnits(StructuredUnits):
+    """``filter`` granularity: conv output channels, ``(group, channel)``, of the groups a block owns.
+
+    A channel scores the summed sensitivity of every filter producing it (:func:`filter_scores`); a
+    residual stream's filters may lie in other blocks than its owner (:func:`group_block`), so every
+    weight is scored.
+    """
+
+    name = "filter"
+    noun = "channels"
+
+    def scope(
+        self, weights: Mapping[int, Mapping[str, nn.Parameter]], net: MultiExitNet, blocks: Sequence[int]
+    ) -> dict[str, nn.Parameter]:
+        """Every weight: a stream's filters may lie in other blocks than its owner."""
+        return {n: p for ws in weights.values() for n, p in ws.items()}
+
+    def units(
+        self, net: MultiExitNet, scores: Mapping[str, Tensor], blocks: Sequence[int], prefix: str = ""
+    ) -> dict[int, dict[tuple, float]]:
+        """``{block: {(group, channel): score}}`` over the groups each block owns."""
         groups = [g for g in net.channel_groups() if group_block(g) in blocks]
         fs = filter_scores(scores, groups, prefix)
         out: dict[int, dict[tuple, float]] = {b: {} for b in blocks}
         for g in groups:
             out[group_block(g)].update({(g.name, k): float(fs[g.name][k]) for k in range(g.size)})
         return out
-    if granularity == "edge":
+
+    def owner(self, unit: tuple) -> Hashable:
+        """A channel's group: no layer is left with 0 channels."""
+        return unit[0]
+
+    def spec_without(self, net: MultiExitNet, removed: Iterable[tuple]) -> ArchSpec:
+        """The ArchSpec with each group narrower by its removed channels."""
+        return net.resized_spec_all({g: n - len(kept) for g, (n, kept) in self._cut(net, removed).items()})
+
+    def remove(
+        self, net: MultiExitNet, removed: Sequence[tuple], optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> ArchSpec:
+        """Keep each group's other channels (:func:`lit_nas.surgery.remove_channels`)."""
+        optimizers = list(optimizers)
+        for g, (n, cut) in self._cut(net, removed).items():
+            remove_channels(net, g, [k for k in range(n) if k not in cut], optimizers)
+        return net.spec
+
+    @staticmethod
+    def _cut(net: MultiExitNet, removed: Iterable[tuple]) -> dict[str, tuple[int, set[int]]]:
+        """``{group: (its size, the channels removed)}``, groups in name order."""
+        sizes = {g.name: g.size for g in net.channel_groups()}
+        cut: dict[str, set[int]] = {}
+        for g, k in removed:
+            cut.setdefault(g, set()).add(int(k))
+        return {g: (sizes[g], cut[g]) for g in sorted(cut)}
+
+
+class EdgeUnits(StructuredUnits):
+    """``edge`` granularity: ``(source feature, target cell)`` edges of the dense concatenation.
+
+    An edge scores the summed sensitivity of its input slice of the target cell's first conv
+    (:func:`edge_scores`); only dense networks have them.
+    """
+
+    name = "edge"
+    noun = "edges"
+
+    def scope(
+        self, weights: Mapping[int, Mapping[str, nn.Parameter]], net: MultiExitNet, blocks: Sequence[int]
+    ) -> dict[str, nn.Parameter]:
+        """The first conv of every cell of ``blocks``: it reads the concatenation."""
+        inputs = {f"net.{net.cell_input_layer(i)}.weight" for b in blocks for i in net.spec.cells_of_block(b)}
+        return {n: p for ws in weights.values() for n, p in ws.items() if n in inputs}
+
+    def units(
+        self, net: MultiExitNet, scores: Mapping[str, Tensor], blocks: Sequence[int], prefix: str = ""
+    ) -> dict[int, dict[tuple, float]]:
+        """``{block: {(source, cell): score}}`` over the live edges into each block's cells."""
+        spec = net.spec
         es = edge_scores(scores, net, [i for b in blocks for i in spec.cells_of_block(b)], prefix)
         return {b: {e: v for e, v in es.items() if spec.block_of_cell(e[1]) == b} for b in blocks}
-    raise ValueError(f"granularity must be 'filter' or 'edge' for units; got {granularity!r}")
 
+    def owner(self, unit: tuple) -> Hashable:
+        """An edge's target cell: its conv needs an input."""
+        return unit[1]
 
-def unit_owner(granularity: str, unit: tuple) -> Hashable:
-    """What must keep one unit: a channel's group (``filter``), an edge's target cell (``edge``)."""
-    return unit[0] if granularity == "filter" else unit[1]
-
-
-def spec_without(net: MultiExitNet, granularity: str, removed: Iterable[tuple]) -> ArchSpec:
-    """The ArchSpec once the units ``removed`` are gone (:func:`block_units`' keys); ``net`` is untouched."""
-    if granularity == "edge":
+    def spec_without(self, net: MultiExitNet, removed: Iterable[tuple]) -> ArchSpec:
+        """The ArchSpec without the edges (:func:`lit_nas.surgery.edge_removed_spec`)."""
         return edge_removed_spec(net.spec, removed)
-    sizes = {g.name: g.size for g in net.channel_groups()}
-    cut: dict[str, int] = {}
-    for g, _ in removed:
-        cut[g] = cut.get(g, 0) + 1
-    return net.resized_spec_all({g: sizes[g] - n for g, n in cut.items()})
+
+    def remove(
+        self, net: MultiExitNet, removed: Sequence[tuple], optimizers: Iterable[torch.optim.Optimizer] = ()
+    ) -> ArchSpec:
+        """Remove the edges (:func:`lit_nas.surgery.remove_edges`)."""
+        return remove_edges(net, list(removed), optimizers) if removed else net.spec
+
+    def check_network(self, spec: ArchSpec) -> None:
+        """``ValueError`` unless the network is dense (only the dense concatenation has edges)."""
+        if not spec.dense:
+            raise ValueError(
+                f"granularity 'edge' prunes the edges of the dense concatenation; the {spec.kind} network "
+                "has dense: false (use granularity 'weight' or 'filter')"
+            )
+
+
+#: the unit kinds, by ``SnipPruning``'s ``granularity``
+UNIT_KINDS: dict[str, WeightUnits | StructuredUnits] = {
+    "weight": WeightUnits(),
+    "filter": FilterUnits(),
+    "edge": EdgeUnits(),
+}

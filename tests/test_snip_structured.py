@@ -320,7 +320,7 @@ def test_structured_granularity_is_validated_when_built_and_at_fit(tmp_path):
         SnipPruning(keep_ratio=0.5, granularity="block")
     with pytest.raises(ValueError, match="stop_at 'latency' needs granularity 'filter' or 'edge'"):
         SnipPruning(keep_ratio=0.5, stop_at="latency", lut="x.json")
-    with pytest.raises(ValueError, match="stop_at 'latency' needs lut"):
+    with pytest.raises(ValueError, match="SnipPruning stop_at: latency needs lut"):
         SnipPruning(keep_ratio=0.5, granularity="edge", stop_at="latency")
     with pytest.raises(ValueError, match=r"lut 'missing\.json' does not exist"):
         SnipPruning(keep_ratio=0.5, granularity="edge", stop_at="latency", lut="missing.json")
