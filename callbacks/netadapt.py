@@ -25,24 +25,12 @@ from typing_extensions import override
 
 from callbacks.artifacts import log_picture, write_found
 from callbacks.distributed import check_strategy, is_ddp, rewrap_ddp
-from callbacks.luts import check_covers, load_lut
+from callbacks.luts import check_covers, lut_for
 from callbacks.searches import refuse_two_searches
 from lit_nas.cost import MEASURES, spec_cost
-from lit_nas.latency import LatencyLUT
-from lit_nas.netadapt import (
-    CRITERIA,
-    accuracy,
-    channels_to_cut,
-    fine_tune,
-    fisher_scores_of,
-    l2_scores,
-    pick_best,
-    prune_copy,
-    sample_groups,
-)
+from lit_nas.netadapt import CRITERIA, iterate
 from lit_nas.plots import live_heatmap
 from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
-from lit_nas.surgery import remove_channels
 from lit_nas.validation import check_choice, check_target, target_of
 
 _WHO = "NetAdapt"
@@ -138,14 +126,7 @@ class NetAdapt(Callback):
                 )
         if not 0 < group_fraction <= 1:
             raise ValueError(f"{_WHO} group_fraction must lie in (0, 1]; got {group_fraction}")
-        self.lut: LatencyLUT | None = None
-        if stop_at == "latency":
-            if lut is None:
-                raise ValueError(
-                    f"{_WHO} stop_at: latency needs lut: latency look-up tables built for this network "
-                    "(python -m device_bench lut --config ... --out lut.json)"
-                )
-            self.lut = load_lut(_WHO, lut)
+        self.lut = lut_for(_WHO, "stop_at: latency" if stop_at == "latency" else None, lut)
         self.stop_at, self.target_fraction, self.target_value = stop_at, target_fraction, target_value
         self.step_fraction, self.step_value, self.decay = step_fraction, step_value, decay
         self.start_epoch, self.iterations_per_epoch = start_epoch, iterations_per_epoch
@@ -229,51 +210,36 @@ class NetAdapt(Callback):
             for x, y in dm.criterion_batches(self.short_term_batches, bs, seed=1000 + self.iteration)
         ]
         holdout = [(x.to(device), y.to(device)) for x, y in dm.holdout_batches()]
-        weights = module.exit_weights()
-        base_acc = accuracy(net, holdout)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
-        groups = sample_groups([g.name for g in module.channel_groups()], self.group_fraction, gen)
-        if self.criterion == "fisher":
-            scores = fisher_scores_of(net, groups, tune, weights)
-        else:
-            scores = {g: l2_scores(net, g) for g in groups}
         opt = trainer.optimizers[0]
 
         def make_optimizer(params: Any) -> torch.optim.Optimizer:
             return type(opt)(params, **{**opt.defaults, "lr": opt.param_groups[0]["lr"]})
 
-        proposals, cands, accs = [], [], []
-        cuda = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):  # dropout in fine-tuning leaves the run's RNG alone
-            torch.manual_seed(self.seed * 1_000_003 + self.iteration)
-            for group in groups:
-                prop = channels_to_cut(
-                    net, group, self.cost_of, self.cost, self.step, self.allow_small_prunings
-                )
-                if prop is None:
-                    continue
-                cand = prune_copy(net, group, prop.remove, scores[group])
-                fine_tune(cand, tune, weights, make_optimizer)
-                proposals.append(prop)
-                cands.append(cand)
-                accs.append(accuracy(cand, holdout))
-        if not proposals:
+        def agree(choice: tuple[int, torch.Tensor]) -> tuple[int, torch.Tensor]:
+            # every rank ran the same candidates on the same images; rank 0 decides
+            return trainer.strategy.broadcast(choice, src=0) if is_ddp(trainer) else choice
+
+        done = iterate(
+            net,
+            tune,
+            holdout,
+            module.exit_weights(),
+            self.cost_of,
+            self.cost,
+            self.step,
+            make_optimizer,
+            trainer.optimizers,
+            criterion=self.criterion,
+            group_fraction=self.group_fraction,
+            allow_small_prunings=self.allow_small_prunings,
+            adopt_finetuned=self.adopt_finetuned,
+            seed=self.seed * 1_000_003 + self.iteration,
+            agree=agree,
+        )
+        if done is None:
             self._finish(module, f"no group can cut {self.step:.4g} any more; target not reached")
             return
-        best = pick_best(base_acc, accs, [p.reduction for p in proposals])
-        win = proposals[best]
-        keep = torch.argsort(scores[win.group].cpu(), stable=True)[win.remove :].sort().values
-        if is_ddp(trainer):  # every rank ran the same candidates on the same images; rank 0 decides
-            best, keep = trainer.strategy.broadcast((best, keep), src=0)
-            win = proposals[best]
-        remove_channels(net, win.group, keep, trainer.optimizers)  # optimizer state sliced with the weights
         module.set_arch_spec(net.spec)
-        if self.adopt_finetuned:
-            with torch.no_grad():
-                for mine, theirs in zip(
-                    net.state_dict().values(), cands[best].state_dict().values(), strict=True
-                ):
-                    mine.copy_(theirs)
         rewrap_ddp(trainer)  # new shapes; DDP also broadcasts rank 0's (fine-tuned) weights
         self.cost = self.cost_of(module.arch_spec)
         self.step *= self.decay
@@ -282,28 +248,28 @@ class NetAdapt(Callback):
         wall = time.perf_counter() - started
         self.history.append(
             {
-                "group": win.group,
-                "removed": win.remove,
+                "group": done.group,
+                "removed": done.removed,
                 "cost": self.cost,
-                "base_acc": base_acc,
-                "acc": accs[best],
-                "candidates": len(proposals),
+                "base_acc": done.base_acc,
+                "acc": done.acc,
+                "candidates": done.candidates,
                 "seconds": wall,
                 "sizes": sizes,
             }
         )
         for key, value in (
             ("netadapt/cost", self.cost),
-            ("netadapt/holdout_acc", accs[best]),
-            ("netadapt/candidates", len(proposals)),
+            ("netadapt/holdout_acc", done.acc),
+            ("netadapt/candidates", done.candidates),
             ("netadapt/iteration_s", wall),
             ("netadapt/params", module.costs().total_params),
         ):
             module.log(key, float(value), on_step=False, on_epoch=True)
         print(
-            f"\n{_WHO} iteration {self.iteration}: {win.group} -{win.remove} channels, {self.stop_at} "
-            f"{self.cost:.4g} (target {self.target:.4g}), held-out acc {base_acc:.4f} -> {accs[best]:.4f}, "
-            f"{len(proposals)} candidates in {wall:.1f} s"
+            f"\n{_WHO} iteration {self.iteration}: {done.group} -{done.removed} channels, {self.stop_at} "
+            f"{self.cost:.4g} (target {self.target:.4g}), held-out acc {done.base_acc:.4f} -> "
+            f"{done.acc:.4f}, {done.candidates} candidates in {wall:.1f} s"
         )
         log_picture(
             trainer,

@@ -8,7 +8,7 @@ is fine-tuned for a few batches, and the candidate picked on a held-out split (:
 network; ``step`` decays.
 
 Every candidate is a deep copy: the network the search keeps, its weights and optimizer state, are read,
-never written, until the winner is applied (by the caller, with :func:`lit_nas.surgery.remove_channels`).
+never written, until the winner is applied (:func:`iterate`, with :func:`lit_nas.surgery.remove_channels`).
 """
 
 from __future__ import annotations
@@ -183,3 +183,110 @@ def sample_groups(groups: Sequence[str], fraction: float, generator: torch.Gener
     n = max(1, round(fraction * len(groups)))
     chosen = torch.randperm(len(groups), generator=generator)[:n].sort().values
     return [groups[int(i)] for i in chosen]
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """What one NetAdapt iteration did to the network (:func:`iterate`).
+
+    Attributes:
+        group: the channel group pruned.
+        removed: channels removed from it.
+        base_acc: the network's held-out accuracy before the iteration.
+        acc: the winner's held-out accuracy (after its fine-tuning).
+        candidates: candidates built and scored.
+    """
+
+    group: str
+    removed: int
+    base_acc: float
+    acc: float
+    candidates: int
+
+
+#: how the callers of :func:`iterate` agree on the winner (DDP: rank 0's), given ``(index, kept channels)``
+Agree = Callable[[tuple[int, Tensor]], tuple[int, Tensor]]
+
+
+def iterate(
+    net: MultiExitNet,
+    tune: Sequence[Batch],
+    holdout: Sequence[Batch],
+    exit_weights: dict[int, float],
+    cost_of: CostFn,
+    cost: float,
+    step: float,
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    *,
+    criterion: str = "l2",
+    group_fraction: float = 1.0,
+    allow_small_prunings: bool = False,
+    adopt_finetuned: bool = True,
+    seed: int = 0,
+    agree: Agree | None = None,
+) -> Iteration | None:
+    """One NetAdapt iteration (Algorithm 4): candidates, short-term fine-tuning, the pick, surgery on ``net``.
+
+    For each channel group (a random ``group_fraction`` of them), the fewest channels that cut ``step`` off
+    ``cost`` (:func:`channels_to_cut`) are removed from a copy by the lowest ``criterion`` score (filter
+    ``l2`` norm or ``fisher`` signal), the copy is fine-tuned on ``tune`` and scored on ``holdout``;
+    :func:`pick_best` picks one. Its channels are then removed from ``net`` itself
+    (:func:`lit_nas.surgery.remove_channels`, with the optimizers' state sliced), and with ``adopt_finetuned``
+    the winner's fine-tuned weights are copied in.
+
+    Args:
+        net: the network searched; changed in place when a candidate wins (``net.spec`` is the new spec).
+        tune: the short-term fine-tuning batches (and the Fisher criterion's), on the network's device.
+        holdout: the held-out batches the candidates are scored on.
+        exit_weights: each exit's weight in the training loss.
+        cost_of: an architecture's cost.
+        cost: ``net``'s cost now.
+        step: the cost to cut this iteration.
+        make_optimizer: the fine-tuning optimizer of a candidate's parameters.
+        optimizers: the training's optimizers, whose state is sliced with ``net``'s weights.
+        criterion: ``l2`` or ``fisher``.
+        group_fraction: the share of groups tried (at least one).
+        allow_small_prunings: let a group that cannot cut ``step`` propose all it can.
+        adopt_finetuned: copy the winner's fine-tuned weights into ``net``.
+        seed: seeds the group sample and the fine-tuning (the caller's random state is left alone).
+        agree: maps the local choice ``(index, kept channels)`` to the one every process applies (DDP).
+
+    Returns:
+        What was done, or ``None`` when no group can cut ``step`` (``net`` untouched).
+    """
+    base_acc = accuracy(net, holdout)
+    gen = torch.Generator().manual_seed(seed)
+    groups = sample_groups([g.name for g in net.channel_groups()], group_fraction, gen)
+    if criterion == "fisher":
+        scores = fisher_scores_of(net, groups, tune, exit_weights)
+    else:
+        scores = {g: l2_scores(net, g) for g in groups}
+    device = next(net.parameters()).device
+    proposals, cands, accs = [], [], []
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # dropout in fine-tuning leaves the run's RNG alone
+        torch.manual_seed(seed)
+        for group in groups:
+            prop = channels_to_cut(net, group, cost_of, cost, step, allow_small_prunings)
+            if prop is None:
+                continue
+            cand = prune_copy(net, group, prop.remove, scores[group])
+            fine_tune(cand, tune, exit_weights, make_optimizer)
+            proposals.append(prop)
+            cands.append(cand)
+            accs.append(accuracy(cand, holdout))
+    if not proposals:
+        return None
+    best = pick_best(base_acc, accs, [p.reduction for p in proposals])
+    keep = torch.argsort(scores[proposals[best].group].cpu(), stable=True)[proposals[best].remove :]
+    best, keep = (agree or (lambda choice: choice))((best, keep.sort().values))
+    win = proposals[best]
+    remove_channels(net, win.group, keep, optimizers)
+    if adopt_finetuned:
+        with torch.no_grad():
+            for mine, theirs in zip(
+                net.state_dict().values(), cands[best].state_dict().values(), strict=True
+            ):
+                mine.copy_(theirs)
+    return Iteration(win.group, win.remove, base_acc, accs[best], len(proposals))
