@@ -27,12 +27,12 @@ from typing_extensions import override
 
 from callbacks.artifacts import log_picture
 from callbacks.distributed import all_reduce_sum, check_strategy, is_ddp
-from callbacks.luts import check_covers, load_lut
-from callbacks.searches import refuse_two_searches
+from callbacks.luts import check_covers, lut_for
+from callbacks.searches import GROUP_SCOPES, refuse_trainable_gates, refuse_two_searches, scoped_groups
 from lit_nas.cost import CostReport, channel_flops, count_costs
 from lit_nas.fisher import FisherAccumulator, select_channels
 from lit_nas.gates import attach_gates, close_channels, gated_groups
-from lit_nas.latency import LatencyLUT, channel_latency
+from lit_nas.latency import channel_latency
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
 from lit_nas.surgery import collect_gated
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 COSTS = ("none", "flops", "latency")
 TARGETS = ("channels", "params", "flops", "latency")
-SCOPES = ("all", "inner")
 _WHO = "FisherPruning"
 
 
@@ -98,16 +97,12 @@ class FisherPruning(Callback):
             raise ValueError(f"FisherPruning per_step must be an integer >= 1; got {per_step!r}")
         check_choice(_WHO, "cost", cost, COSTS)
         check_choice(_WHO, "stop_at", stop_at, TARGETS)
-        self.lut: LatencyLUT | None = None
-        if "latency" in (cost, stop_at):
-            if lut is None:
-                raise ValueError(
-                    f"FisherPruning cost={cost!r}, stop_at={stop_at!r} need lut: the path of latency look-up "
-                    "tables built for this network (python -m device_bench lut --config ... --out lut.json)"
-                )
-            self.lut = load_lut(_WHO, lut)
+        priced = (
+            "cost: latency" if cost == "latency" else "stop_at: latency" if stop_at == "latency" else None
+        )
+        self.lut = lut_for(_WHO, priced, lut)
         check_target(_WHO, target_fraction, target_value)
-        check_choice(_WHO, "scope", scope, SCOPES)
+        check_choice(_WHO, "scope", scope, GROUP_SCOPES)
         if not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"FisherPruning start_epoch must be an integer >= 0; got {start_epoch!r}")
         self.every_n_steps = every_n_steps
@@ -145,8 +140,7 @@ class FisherPruning(Callback):
 
     def groups(self, module: NASModule) -> list[str]:
         """Names of the channel groups this callback prunes."""
-        names = [g.name for g in module.channel_groups()]
-        return [n for n in names if self.scope == "all" or n.endswith(".mid")]
+        return scoped_groups(module, self.scope)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -154,12 +148,7 @@ class FisherPruning(Callback):
         check_strategy(_WHO, trainer)
         groups = self.groups(module)
         gates = attach_gates(module.net, groups)  # after any checkpoint restore: the loaded gates
-        trainable = [g for g, p in gates.items() if p.requires_grad]
-        if trainable:
-            raise ValueError(
-                f"{_WHO}: the gates of {trainable} are trainable switches (SwitchL1?); use one "
-                "channel-pruning callback per run"
-            )
+        refuse_trainable_gates(_WHO, gates)
         # under DDP each step's signal is summed over the ranks: all of them hold the global batch's
         reduce = (lambda tensors: all_reduce_sum(trainer, tensors)) if is_ddp(trainer) else None
         self._acc = FisherAccumulator(module.net, groups, reduce=reduce)

@@ -20,6 +20,27 @@ def load_lut(who: str, lut: str) -> LatencyLUT:
     return LatencyLUT.load(path)
 
 
+def lut_for(who: str, setting: str | None, lut: str | None) -> LatencyLUT | None:
+    """The tables at ``lut`` when a setting prices latency; ``None`` when none does.
+
+    Args:
+        who: the callback, for the message.
+        setting: the setting that needs the tables (``"stop_at: latency"``), or ``None``.
+        lut: the ``lut`` argument (:func:`load_lut`).
+
+    Raises:
+        ValueError: ``setting`` needs tables and ``lut`` is ``None`` or does not exist.
+    """
+    if setting is None:
+        return None
+    if lut is None:
+        raise ValueError(
+            f"{who} {setting} needs lut: the path of latency look-up tables built for this network "
+            "(python -m device_bench lut --config ... --out lut.json)"
+        )
+    return load_lut(who, lut)
+
+
 def check_covers(who: str, lut: LatencyLUT | None, spec: ArchSpec) -> None:
     """``ValueError`` naming the missing table if ``lut`` cannot price the network ``spec``."""
     if lut is None:

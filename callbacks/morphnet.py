@@ -28,11 +28,11 @@ from typing_extensions import override
 
 from callbacks.artifacts import log_picture
 from callbacks.distributed import check_strategy, is_ddp, rewrap_ddp
-from callbacks.luts import check_covers, load_lut
-from callbacks.searches import refuse_two_searches
+from callbacks.luts import check_covers, lut_for
+from callbacks.searches import refuse_trainable_gates, refuse_two_searches
 from lit_nas.cost import channel_flops, spec_cost
 from lit_nas.gates import attach_gates, close_channels, gated_groups
-from lit_nas.latency import LatencyLUT, channel_latency
+from lit_nas.latency import channel_latency
 from lit_nas.morphnet import dead_channels, expand, penalty, producer_norms
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, SearchChanges, nas, require_nas_module
@@ -123,13 +123,7 @@ class MorphNet(Callback):
         for name, v in (("budget_fraction", budget_fraction), ("budget_value", budget_value)):
             if v is not None and v <= 0:
                 raise ValueError(f"{_WHO} {name} must be > 0; got {v}")
-        self.lut: LatencyLUT | None = None
-        if cost == "latency":
-            if lut is None:
-                raise ValueError(
-                    f"{_WHO} cost: latency needs lut (python -m device_bench lut ... --out lut.json)"
-                )
-            self.lut = load_lut(_WHO, lut)
+        self.lut = lut_for(_WHO, "cost: latency" if cost == "latency" else None, lut)
         self.strength, self.cost, self.threshold = float(strength), cost, float(threshold)
         self.start_epoch, self.until_epoch, self.expand_epochs = start_epoch, until_epoch, expand_epochs
         self.budget_fraction, self.budget_value = budget_fraction, budget_value
@@ -174,9 +168,7 @@ class MorphNet(Callback):
         module = nas(pl_module)
         check_strategy(_WHO, trainer)
         gates = attach_gates(module.net, [g.name for g in module.channel_groups()])
-        trainable = [g for g, p in gates.items() if p.requires_grad]
-        if trainable:
-            raise ValueError(f"{_WHO}: the gates of {trainable} are trainable switches (SwitchL1?); use one")
+        refuse_trainable_gates(_WHO, gates)
         if self.initial is None:
             self.initial = self._measure(module.arch_spec)
             self.start_sizes = {g.name: g.size for g in module.channel_groups()}

@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from callbacks.artifacts import log_picture
 from callbacks.distributed import broadcast_tensors, check_strategy, rewrap_ddp
-from callbacks.searches import refuse_two_searches
+from callbacks.searches import GROUP_SCOPES, refuse_two_searches, scoped_groups
 from lit_nas.gates import attach_gates, gated_groups
 from lit_nas.masks import mask_optimizer_state
 from lit_nas.plots import live_heatmap
@@ -34,7 +34,6 @@ from lit_nas.validation import check_choice
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("all", "inner")
 _WHO = "SwitchL1"
 _LOSS = "switch/l1"
 
@@ -102,7 +101,7 @@ class SwitchL1(Callback):
             raise ValueError(f"SwitchL1 gamma (a variance of signs) must lie in (0, 1); got {gamma}")
         if not isinstance(window, int) or window < 2:
             raise ValueError(f"SwitchL1 window must be an integer >= 2; got {window!r}")
-        check_choice(_WHO, "scope", scope, SCOPES)
+        check_choice(_WHO, "scope", scope, GROUP_SCOPES)
         if init == 0:
             raise ValueError("SwitchL1 init must be nonzero: a switch at 0 is a dead channel")
         if until_epoch is not None and (not isinstance(until_epoch, int) or until_epoch < 1):
@@ -129,8 +128,7 @@ class SwitchL1(Callback):
     # -- lifecycle ----------------------------------------------------------------------------------------
     def groups(self, module: NASModule) -> list[str]:
         """Names of the channel groups that get switches."""
-        names = [g.name for g in module.channel_groups()]
-        return [n for n in names if self.scope == "all" or n.endswith(".mid")]
+        return scoped_groups(module, self.scope)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -156,7 +156,7 @@ def test_flops_pruning_resumes_exactly_from_a_collected_checkpoint(tmp_path):
             r"FisherPruning cost must be one of \['none', 'flops', 'latency'\]; got 'params'",
         ),
         (dict(stop_at="accuracy"), r"FisherPruning stop_at must be one of \[.*\]; got 'accuracy'"),
-        (dict(cost="latency"), r"cost='latency', stop_at='channels' need lut: the path of latency look-up"),
+        (dict(cost="latency"), r"cost: latency needs lut: the path of latency look-up"),
         (dict(every_n_steps=0), "every_n_steps must be an integer >= 1; got 0"),
         (dict(per_step=0), "per_step must be an integer >= 1; got 0"),
         (dict(target_fraction=None), "exactly one of target_fraction and target_value"),

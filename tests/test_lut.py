@@ -224,7 +224,7 @@ def test_fisher_prunes_to_a_latency_target_with_the_latency_cost(tmp_path):
 
 
 def test_fisher_latency_needs_a_lut_that_covers_the_network(tmp_path):
-    with pytest.raises(ValueError, match="need lut"):
+    with pytest.raises(ValueError, match="FisherPruning cost: latency needs lut"):
         FisherPruning(cost="latency", target_fraction=0.5)
     with pytest.raises(ValueError, match="does not exist"):
         FisherPruning(stop_at="latency", target_fraction=0.5, lut=str(tmp_path / "missing.json"))

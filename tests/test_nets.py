@@ -128,6 +128,22 @@ def test_channel_groups_match_layer_shapes_and_cover_every_channel(net):
             assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)), name
 
 
+def test_channel_group_roles_say_which_channels_a_shortcut_or_later_cell_reads(net):
+    # inner: produced and read inside one cell; stream: the features the stem and the cells pass on
+    def cell_of(module: str) -> str:
+        return ".".join(module.split(".")[:4])  # blocks.<b>.cells.<k>
+
+    roles = {g.name: g.role for g in net.channel_groups()}
+    assert set(roles.values()) <= {"inner", "stream"}
+    assert "stream" in roles.values()
+    for g in net.channel_groups():
+        slices = [*g.producers, *g.consumers]
+        one_cell = len({cell_of(s.module) for s in slices}) == 1 and "stem" not in slices[0].module
+        assert (g.role == "inner") == one_cell, (g.name, g.role)
+    streams = [g for g in net.channel_groups() if g.role == "stream"]
+    assert sum(any(p.module == "blocks.0.stem.conv" for p in g.producers) for g in streams) == 1
+
+
 def test_channel_group_zeroing_silences_the_channels(net):
     """Zeroing a group's producer BNs must zero those channels wherever they are read."""
     net.eval()

@@ -367,8 +367,8 @@ def test_the_report_takes_the_latency_of_a_retimed_run_for_the_trials_it_names(t
     study = Study(spec, tmp_path / "results", tmp_path / "runs")
     device = {"exits": {"fp32": {"3": {"latency_ms": 9.0}}}}  # measured under load
     for t, acc in zip(spec.trials(), (0.8, 0.9), strict=True):
-        summary = {"test_acc": {"3": acc}, "mflops": {"3": 2.0}, "params": 10, "device": device}
-        summary["wall_s"] = {"fit": 1.0}
+        summary = {**dict.fromkeys(Summary.__required_keys__), "version": SUMMARY_VERSION}
+        summary.update(test_acc={"3": acc}, mflops={"3": 2.0}, params=10, device=device, wall_s={"fit": 1.0})
         study.save(
             t,
             {

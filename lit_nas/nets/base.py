@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -67,18 +68,31 @@ class ChannelSlice:
     per_channel: int = 1
 
 
+#: what a channel group is to its network (:attr:`ChannelGroup.role`)
+GroupRole = Literal["inner", "stream"]
+
+
 @dataclass(frozen=True)
 class ChannelGroup:
     """Channels that must be pruned together: every producer and consumer of the same channels.
 
     Residual cells with identity shortcuts tie their output to their input, so a whole residual stream is
     one group; the inner width of each cell is a group of its own.
+
+    Attributes:
+        name: unique within the network (``cell3.mid``, ``stream0``); a name, not a contract.
+        size: channels.
+        producers: the layers producing the channels (output dimension).
+        consumers: the layers reading them (input dimension).
+        role: set by the network: ``inner`` for a cell's inner width (no skip connection reads it), ``stream``
+            for the features the cells pass on (a residual stream, tied by identity shortcuts).
     """
 
     name: str
     size: int
     producers: tuple[ChannelSlice, ...]
     consumers: tuple[ChannelSlice, ...]
+    role: GroupRole
 
 
 @dataclass(frozen=True)

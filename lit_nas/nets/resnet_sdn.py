@@ -242,6 +242,7 @@ class ResNetSDN(MultiExitNet):
                     size=c.mid,
                     producers=tuple(ChannelSlice(f"{name}.{m}", 0) for m in prod),
                     consumers=tuple(ChannelSlice(f"{name}.{m}", 1) for m in cons),
+                    role="inner",
                 )
             )
         stream_of = self._streams()  # features tied by identity shortcuts
@@ -286,6 +287,7 @@ class ResNetSDN(MultiExitNet):
                     size=widths[j],
                     producers=tuple(producers[s]),
                     consumers=tuple(consumers.get(s, ())),
+                    role="stream",
                 )
             )
         return groups
