@@ -1,4 +1,4 @@
-"""The import graph: the core imports nothing above it, device_bench neither the CLI nor the studies, no circle.
+"""The import graph: the core imports nothing above it, device_bench neither CLI nor studies, no circle.
 
 Imports are read from the source (``ast``), those inside functions included: a late import is still a
 dependency, and it is where a layering break usually hides.
