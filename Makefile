@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml Makefile
 	  && $(PIP) install filelock typing-extensions sympy networkx jinja2 fsspec "setuptools>=77.0.3"; fi
 	@# torchvision's only other dependencies are numpy and pillow; --no-deps keeps torch as installed.
 	$(PIP) install --no-deps "torchvision==0.28.0" && $(PIP) install pillow
-	$(PIP) install -e ".[dev,device,study]"
+	$(PIP) install -e ".[dev,device,study,docs]"
 	@if [ "$(CPU_ONLY)" = 1 ]; then $(PY) -c "import sys, torch; \
 	  sys.exit(0 if torch.version.cuda is None else 'a CUDA build of torch was installed; rerun with \
 	  TORCH_INDEX=<CPU wheel index> after rm -rf $(VENV), or set CPU_ONLY=0')"; fi
@@ -66,6 +66,11 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The documentation site (docs/, mkdocs.yml, the docstrings): site/index.html. --strict: a broken link or a
+# missing reference fails the build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 # Every committed study report (CSV, markdown, Pareto plots) again from its trial records; git diff shows drift.
 reports: setup
 	@for spec in studies/*.yaml; do $(PY) study.py report $$spec --no-wandb >/dev/null || exit 1; done
@@ -76,4 +81,4 @@ bench: setup data
 
 clean:
 	-bash device_bench/emulator/build_pi.sh --stop 2>/dev/null
-	rm -rf $(VENV) $(EXPORT_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(EXPORT_VENV) runs site .pytest_cache

@@ -1,0 +1,131 @@
+"""The docs' command lines run: every ``train.py``/``study.py`` line with ``--print_config`` or ``--help``.
+
+A renamed key or option then fails here instead of in a reader's terminal. The lines are read from the code
+blocks of README.md, docs/ and the study write-ups, exactly as shown (``.venv/bin/python`` -> this Python,
+comments and line continuations handled), and run in one Python process to spare a start-up each.
+"""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").rglob("*.md")),
+    *(ROOT / "studies" / "results").glob("*/README.md"),
+]
+SCRIPTS = ("train.py", "study.py")
+ASKS = re.compile(r"(^|\s)(--print_config|--help|-h|--[\w.]+\.help)(\s|=|$)")
+
+#: runs each argv as ``python SCRIPT ...`` would, in this process; prints one JSON line per command
+RUNNER = """
+import json, runpy, sys, io, contextlib
+import lit_nas
+for argv in json.loads(sys.argv[1]):
+    sys.argv = argv
+    out = io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    except Exception as err:  # reported, not raised: the other commands still run
+        code = repr(err)
+    print(json.dumps({"argv": argv, "code": code, "printed": len(out.getvalue())}), file=sys.__stdout__)
+"""
+
+
+def code_lines(text: str) -> list[str]:
+    """The shell lines of the fenced code blocks, continuations joined and comments dropped."""
+    lines, block, fence = [], [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fence = not fence
+            continue
+        if fence:
+            block.append(line)
+    joined = "\n".join(block).replace("\\\n", " ")
+    for line in joined.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()  # a trailing comment
+        if line:
+            lines.append(line)
+    return lines
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """``(page, argv)`` of every documented train.py/study.py line that asks for help or the config."""
+    found = []
+    for page in PAGES:
+        for line in code_lines(page.read_text()):
+            if not any(script in line for script in SCRIPTS) or not ASKS.search(line):
+                continue
+            words = shlex.split(line)
+            script = next((i for i, w in enumerate(words) if w in SCRIPTS), None)
+            if script is None or "|" in words or ">" in words:
+                continue
+            found.append((str(page.relative_to(ROOT)), [str(ROOT / words[script]), *words[script + 1 :]]))
+    return found
+
+
+def test_the_docs_show_commands_to_run():
+    commands = documented_commands()
+    assert len(commands) >= 4, commands
+    assert {Path(argv[0]).name for _, argv in commands} == set(SCRIPTS)
+
+
+def test_every_documented_help_and_print_config_line_runs(tmp_path):
+    commands = documented_commands()
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, json.dumps([argv for _, argv in commands])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "WANDB_MODE": "offline",
+            "PYTHONPATH": str(ROOT),
+            "HOME": str(tmp_path),
+        },
+    )
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(commands), proc.stderr[-3000:]
+    bad = [
+        (page, " ".join(r["argv"][1:]), r["code"])
+        for (page, _), r in zip(commands, results, strict=True)
+        if r["code"] != 0 or r["printed"] == 0
+    ]
+    assert not bad, f"documented commands that fail: {bad}\n{proc.stderr[-3000:]}"
+
+
+def test_a_renamed_key_would_fail(tmp_path):
+    # negative control: the same runner reports a key that does not exist
+    argv = [
+        str(ROOT / "train.py"),
+        "fit",
+        "--config",
+        "quickstart.yaml",
+        "--snip.no_such_key",
+        "1",
+        "--print_config",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, json.dumps([argv])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "WANDB_MODE": "offline",
+            "PYTHONPATH": str(ROOT),
+            "HOME": str(tmp_path),
+        },
+    )
+    (result,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert result["code"] != 0
