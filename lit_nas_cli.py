@@ -33,6 +33,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from callbacks import NAMED_CALLBACKS, LastCheckpoint, RunSummary
 from lit_nas.data import DataError, ImageDataModule
@@ -148,7 +149,8 @@ class RunConfigSaver(SaveConfigCallback):
     an existing file gets a numbered sibling.
     """
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
         # trainer.log_dir is a collective under DDP: every rank reads it, or rank 0 waits forever
@@ -240,8 +242,9 @@ class LitNASCLI(LightningCLI):
                 check_checkpoint(path, {"test": "tested", "validate": "validated"}.get(subcommand, "used"))
         if subcommand in ("fit", None):  # None: built with run=False, to fit by hand
             config = self.config[subcommand] if subcommand else self.config
+            root = (config.get("trainer") or {}).get("default_root_dir")  # a Lightning user's "runs go here"
             config.run_dir, ckpt_path = resolve_run(
-                config.get("run_dir"), config.get("ckpt_path"), _config_name(config)
+                config.get("run_dir"), config.get("ckpt_path"), _config_name(config), root
             )
             if "ckpt_path" in config:  # absent with run=False
                 config.ckpt_path = ckpt_path
@@ -266,9 +269,9 @@ class LitNASCLI(LightningCLI):
                 )
             )
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        if run_dir and not trainer_config.get("default_root_dir"):
+        if run_dir:
             # what Lightning and the callbacks write without a logger (SNIP's connectivity maps, say) goes
-            # into the run directory, never into the working directory where the next run overwrites it
+            # into the run directory (under a given default_root_dir), where the next run cannot overwrite it
             trainer_config["default_root_dir"] = run_dir
         trainer = self._instantiate_trainer(trainer_config, extra)
         for logger in trainer.loggers:
@@ -328,16 +331,19 @@ def _overrides(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def resolve_run(run_dir: str | None, ckpt_path: str | None, name: str) -> tuple[str, str | None]:
+def resolve_run(
+    run_dir: str | None, ckpt_path: str | None, name: str, root: str | Path | None = None
+) -> tuple[str, str | None]:
     """The run directory of a fit and the checkpoint it resumes (``ckpt_path: last`` made concrete).
 
     The directory is claimed for this process as it is chosen (:func:`lit_nas.runs.claim_run_dir`), so runs
     started together never share one; the processes a DDP launcher starts take the one their rank 0 chose.
 
     Args:
-        run_dir: ``--run_dir``, or ``None`` for ``runs/<name>`` (numbered when taken).
+        run_dir: ``--run_dir``, or ``None`` for ``<root>/<name>`` (numbered when taken).
         ckpt_path: ``--ckpt_path``: ``None``, ``last`` or a path.
         name: the config's name.
+        root: where new run directories go: ``--trainer.default_root_dir`` when given, else ``runs``.
 
     Raises:
         RunFailure: ``run_dir`` is empty, already holds a run and nothing resumes it, or is in use by
@@ -348,12 +354,13 @@ def resolve_run(run_dir: str | None, ckpt_path: str | None, name: str) -> tuple[
     secondary = launched_secondary()
     if secondary and os.environ.get(RUN_DIR_ENV):  # a DDP rank > 0: rank 0 chose and claimed it
         run_dir = os.environ[RUN_DIR_ENV]
+    runs = Path(root) if root else RUNS_ROOT
     if run_dir is None and ckpt_path == "last":
-        found = latest_run_dir(RUNS_ROOT, name)
+        found = latest_run_dir(runs, name)
         if found is None:
-            fresh = new_run_dir(RUNS_ROOT, name, claim=not secondary)
+            fresh = new_run_dir(runs, name, claim=not secondary)
             rank_zero_warn(
-                f"--ckpt_path last: no {RUNS_ROOT}/{name}*/checkpoints/last.ckpt to resume; training starts "
+                f"--ckpt_path last: no {runs}/{name}*/checkpoints/last.ckpt to resume; training starts "
                 f"in {fresh}"
             )
             return _chosen(str(fresh), None, secondary)
@@ -363,7 +370,7 @@ def resolve_run(run_dir: str | None, ckpt_path: str | None, name: str) -> tuple[
         if path.name == "last.ckpt" and path.parent.name == "checkpoints":  # a run's own: continue it
             run_dir = str(path.parent.parent)
     if run_dir is None:
-        return _chosen(str(new_run_dir(RUNS_ROOT, name, claim=not secondary)), ckpt_path, secondary)
+        return _chosen(str(new_run_dir(runs, name, claim=not secondary)), ckpt_path, secondary)
     if not secondary:
         holder = claim_run_dir(run_dir)
         if holder is not None:

@@ -47,7 +47,7 @@ from callbacks import (
 )
 from lit_nas.data import SyntheticDataModule, _as_batch
 from lit_nas.gates import gated_groups
-from tests.conftest import tiny_module, tiny_trainer
+from tests.helpers import tiny_module, tiny_trainer
 
 SUMS_BATCH = 8
 SUMS_STEPS = 4

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -89,20 +90,35 @@ class DumpMasks(Callback):
         torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
 
 
+def train_command(*args: str, subcommand: str = "fit", home: Path | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of ``train.py SUBCOMMAND ARGS`` (the one way tests start it).
+
+    Args:
+        *args: the arguments after the subcommand.
+        subcommand: ``fit``, ``test``, ``check``, ...
+        home: a fresh user's environment (``PATH`` and this ``HOME`` only: no W&B login, no settings);
+            ``None`` keeps this process's environment.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if home is None:
+        # not this process's W&B service: one started by an in-process test would write the child's run
+        # files relative to its own working directory (the checkout)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    else:
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(root))
+    return [sys.executable, str(root / "train.py"), subcommand, *args], env
+
+
 def train_py(
-    cwd: Path, *args: str, timeout: float = 300, subcommand: str = "fit"
+    cwd: Path, *args: str, timeout: float = 300, subcommand: str = "fit", home: Path | None = None
 ) -> subprocess.CompletedProcess:
     """``train.py SUBCOMMAND ARGS`` in its own process, in ``cwd`` (so ``runs/`` is the test's own)."""
-    root = Path(__file__).resolve().parent.parent
-    # not this process's W&B service: one started by an in-process test would write the child's run files
-    # relative to its own working directory (the checkout)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(root))
-    return subprocess.run(
-        [sys.executable, str(root / "train.py"), subcommand, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    cmd, env = train_command(*args, subcommand=subcommand, home=home)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_popen(cwd: Path, *args: str, subcommand: str = "fit", **popen: Any) -> subprocess.Popen:
+    """``train.py SUBCOMMAND ARGS`` started in the background, in ``cwd`` (``popen``: Popen's options)."""
+    cmd, env = train_command(*args, subcommand=subcommand)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, **popen)

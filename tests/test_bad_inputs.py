@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import pickle
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +18,9 @@ from lit_nas import DataShape, NetConfig
 from lit_nas.data import CIFAR10DataModule, FashionMNISTDataModule, SyntheticDataModule, read_idx
 from lit_nas.module import MultiExitModule
 from lit_nas_cli import REPO_ROOT, LitNASCLI, resolve_config_args, warn_changed_settings
-from tests.conftest import TINY, tiny_data, tiny_trainer
 from tests.dataset_files import FILES, skip_md5, write_idx, write_tiny_cifar10
+from tests.helpers import TINY, tiny_data, tiny_trainer
+from tests.run_helpers import train_py
 
 TINY_SNIP = str(REPO_ROOT / "tests" / "configs" / "tiny_snip.yaml")
 
@@ -231,24 +229,15 @@ def numeric(kind: str) -> Callable[[Path], Callable[[], object]]:
 
 def sigterm_before_first_epoch(tmp: Path) -> Callable[[], object]:
     def go() -> None:
-        env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO_ROOT)}
-        out = subprocess.run(
-            [
-                sys.executable,
-                str(REPO_ROOT / "train.py"),
-                "fit",
-                "--config",
-                TINY_SNIP,
-                "--run_dir",
-                str(tmp / "sig"),
-                "--trainer.callbacks+=tests.run_helpers.SignalAt",
-                "--trainer.callbacks.epoch=0",
-                "--trainer.callbacks.signum=15",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
+        out = train_py(
+            tmp,
+            "--config",
+            TINY_SNIP,
+            "--run_dir",
+            str(tmp / "sig"),
+            "--trainer.callbacks+=tests.run_helpers.SignalAt",
+            "--trainer.callbacks.epoch=0",
+            "--trainer.callbacks.signum=15",
         )
         raise RuntimeError(f"exit {out.returncode}: {out.stderr[-400:]}")
 

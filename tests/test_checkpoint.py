@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_nas import ArchSpec, DataShape
 from lit_nas.data import SyntheticDataModule
 from lit_nas.module import ARCH_KEY, CheckpointArchError, MultiExitModule
-from tests.conftest import tiny_module, tiny_trainer
+from tests.helpers import tiny_module, tiny_trainer
 
 
 def data():

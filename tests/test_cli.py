@@ -3,15 +3,15 @@
 import itertools
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from callbacks import Distillation, LastCheckpoint
-from lit_nas_cli import CONFIG_DIR, REPO_ROOT, LitNASCLI, resolve_config_args
+from lit_nas_cli import CONFIG_DIR, LitNASCLI, resolve_config_args
 from tests.dataset_files import skip_md5, write_idx, write_tiny_cifar10
+from tests.run_helpers import train_py
 from tests.wandb_records import history
 
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
@@ -106,9 +106,10 @@ def test_every_config_parses_and_trains_a_few_batches(config, tmp_path, tiny_fas
         *data_args(config, tmp_path, tiny_fashion, monkeypatch),
     ]
     cli = LitNASCLI(args=resolve_config_args(args), run=False)
-    # every shipped config writes runs/<name>/checkpoints/last.ckpt every epoch, whatever its monitor does
+    # every shipped config writes <default_root_dir>/<name>/checkpoints/last.ckpt every epoch, whatever its
+    # monitor does
     (last,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, LastCheckpoint)]
-    assert last.path == Path("runs") / Path(config).stem / "checkpoints" / "last.ckpt"
+    assert last.path == tmp_path / Path(config).stem / "checkpoints" / "last.ckpt"
     for cb in cli.trainer.callbacks:
         if isinstance(cb, Distillation) and cb.teacher_path is not None:  # the teacher of a previous run
             cb.teacher_path = str(tiny_teacher(tmp_path, cli.datamodule.data_shape))
@@ -191,15 +192,8 @@ def test_missing_dataset_fails_before_training(tmp_path, monkeypatch):
 
 
 def run_train(tmp_path: Path, *extra: str, config: str = "quickstart.yaml") -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), "fit", "--config", config, *extra],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """``train.py fit`` as a new user runs it: a fresh environment, W&B not logged in."""
+    return train_py(tmp_path, "--config", config, *extra, timeout=600, home=tmp_path)
 
 
 def test_train_py_end_to_end_with_wandb_offline(tmp_path, tiny_fashion):

@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 from lit_nas.runs import RunFailure, new_run_dir
 from lit_nas_cli import REPO_ROOT, resolve_run
+from tests.run_helpers import train_popen
 from tests.run_helpers import train_py as train
 
 TINY_SEARCH = str(REPO_ROOT / "tests" / "configs" / "tiny_search.yaml")
@@ -182,9 +183,7 @@ def test_ddp_through_train_py_with_growing_and_snip_gives_identical_masks(tmp_pa
 def test_three_runs_of_one_config_started_together_get_three_directories(tmp_path):
     """Started in one shell loop, each claims its directory as it chooses it; none loses its results."""
     import subprocess
-    import sys
 
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO_ROOT)}
     args = [
         "--config",
         TINY_SNIP,
@@ -196,10 +195,11 @@ def test_three_runs_of_one_config_started_together_get_three_directories(tmp_pat
         "false",
     ]
     procs = [
-        subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "train.py"), "fit", *args, "--seed_everything", str(seed)],
-            cwd=tmp_path,
-            env=env,
+        train_popen(
+            tmp_path,
+            *args,
+            "--seed_everything",
+            str(seed),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

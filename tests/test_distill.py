@@ -12,8 +12,8 @@ from callbacks import Distillation
 from lit_nas import DataShape, MultiExitModule, NetConfig
 from lit_nas.data import SyntheticDataModule
 from lit_nas.distill import kd_loss, soft_kl
-from tests.conftest import TINY, tiny_module, tiny_trainer
-from tests.conftest import tiny_data as data
+from tests.helpers import TINY, tiny_module, tiny_trainer
+from tests.helpers import tiny_data as data
 
 
 def test_kd_loss_is_the_formula_on_hand_computed_logits():

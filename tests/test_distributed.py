@@ -14,8 +14,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from callbacks import FisherPruning, GarbageCollection
 from callbacks.distributed import all_reduce_sum, check_strategy, rewrap_ddp
-from tests.conftest import ranks, tiny_module, tiny_trainer
 from tests.ddp_search import SUMS_BATCH, SUMS_STEPS, BatchNormEval, data
+from tests.helpers import ranks, tiny_module, tiny_trainer
 
 
 def assert_same_tensors(a: dict, b: dict, what: str) -> None:

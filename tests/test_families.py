@@ -30,7 +30,7 @@ from lit_nas.gates import attach_gates, fold_gates, gated_groups
 from lit_nas.latency import channel_latency
 from lit_nas.nets import NETWORKS, build_net
 from lit_nas.surgery import collect_gated
-from tests.conftest import tiny_data, tiny_trainer
+from tests.helpers import tiny_data, tiny_trainer
 from tests.test_nets import RECIPES
 
 SHAPE = DataShape(3, 16, 10)

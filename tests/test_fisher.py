@@ -14,8 +14,8 @@ from callbacks import FisherPruning, GarbageCollection
 from lit_nas import DataShape, NetConfig, build_net
 from lit_nas.fisher import FisherAccumulator, select_channels
 from lit_nas.gates import attach_gates, gated_groups
-from tests.conftest import TINY, tiny_module, tiny_trainer
-from tests.conftest import tiny_data as data
+from tests.helpers import TINY, tiny_module, tiny_trainer
+from tests.helpers import tiny_data as data
 
 
 def test_accumulated_signal_is_the_per_sample_gradient_of_the_shared_channel_mask():

@@ -13,7 +13,7 @@ from callbacks import GarbageCollection
 from lit_nas import ArchSpec, DataShape, MultiExitModule, NetConfig, build_net
 from lit_nas.gates import attach_gates, fold_gates, gated_groups
 from lit_nas.surgery import remove_channels
-from tests.conftest import TINY, tiny_data, tiny_trainer
+from tests.helpers import TINY, tiny_data, tiny_trainer
 from tests.test_surgery import group_names, make
 
 

@@ -16,8 +16,8 @@ from lit_nas import NetConfig
 from lit_nas.growing import active_blocks_at, identity_init, validate_grow_epochs
 from lit_nas.module import MultiExitModule
 from lit_nas.optim import LRScheduleConfig, OptimizerConfig
-from tests.conftest import TINY, ranks, tiny_module, tiny_trainer
-from tests.conftest import tiny_data as data
+from tests.helpers import TINY, ranks, tiny_module, tiny_trainer
+from tests.helpers import tiny_data as data
 
 
 def block_state(module: MultiExitModule, b: int) -> dict[str, torch.Tensor]:

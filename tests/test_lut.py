@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from callbacks import FisherPruning, GarbageCollection
 from device_bench.export import find_export_python
@@ -29,7 +30,7 @@ from device_bench.lut import (
 )
 from device_bench.runners import BenchSettings, LocalRunner
 from lit_nas import DataShape, MultiExitModule, NetConfig, build_net
-from tests.conftest import TINY, tiny_data, tiny_trainer
+from tests.helpers import TINY, tiny_data, tiny_trainer
 
 SHAPE = DataShape(3, 16, 10)
 
@@ -200,7 +201,11 @@ def test_measured_tables_through_the_local_runner(tmp_path):
     variants = [v for spec in specs for v in pruned_variants(spec, 2, seed=1)]
     res = validate_lut(lut, variants, tmp_path / "val", LocalRunner(), settings)
     assert len(res["measured_ms"]) == 4 and all(m > 0 for m in res["measured_ms"])
-    assert -1 <= res["r"] <= 1 and res["mape"] >= 0
+    pred, meas = res["predicted_ms"], res["measured_ms"]
+    assert pred == [lut.predict(v) for v in variants]
+    # the figures are those of the predictions and measurements (independent oracles: scipy, a plain sum)
+    assert res["r"] == pytest.approx(stats.pearsonr(pred, meas).statistic, abs=1e-9)
+    assert res["mape"] == pytest.approx(100 * sum(abs(p - m) / m for p, m in zip(pred, meas)) / len(meas))
 
 
 # -- FisherPruning with the latency cost -----------------------------------------------------------------

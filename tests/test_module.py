@@ -12,7 +12,7 @@ from lit_nas.module import MultiExitModule
 from lit_nas.objectives import ExitLossConfig, exit_weights, multi_exit_loss
 from lit_nas.optim import LRScheduleConfig, MultiStepGammaLR, OptimizerConfig
 from lit_nas.protocol import NASModule, require_nas_module
-from tests.conftest import tiny_module, tiny_trainer
+from tests.helpers import tiny_module, tiny_trainer
 
 
 def synthetic(**kw):

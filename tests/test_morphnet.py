@@ -15,7 +15,7 @@ from lit_nas.gates import attach_gates, close_channels
 from lit_nas.morphnet import dead_channels, expand, penalty, producer_norms
 from lit_nas.nets.base import MultiExitNet
 from lit_nas.surgery import collect_gated
-from tests.conftest import TINY, tiny_data, tiny_trainer
+from tests.helpers import TINY, tiny_data, tiny_trainer
 
 SHAPE = DataShape(3, 16, 10)
 

@@ -15,7 +15,7 @@ from lit_nas.cost import spec_cost
 from lit_nas.data import SyntheticDataModule
 from lit_nas.latency import LatencyLUT
 from lit_nas.netadapt import channels_to_cut, pick_best, sample_groups
-from tests.conftest import TINY, tiny_trainer
+from tests.helpers import TINY, tiny_trainer
 from tests.test_families import synthetic_lut
 
 SHAPE = DataShape(3, 16, 10)

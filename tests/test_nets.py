@@ -12,7 +12,7 @@ from lit_nas.cost import count_costs
 from lit_nas.nets import NETWORKS
 from lit_nas.nets.base import MultiExitNet
 from lit_nas.surgery import remove_edges
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 #: a 4-block recipe of each registered network (WRN-16-1 with Squeeze-and-Excitation: every layer kind)
 RECIPES = {

@@ -14,8 +14,8 @@ from lit_nas import ArchSpec, DataShape, MultiExitModule, NetConfig
 from lit_nas.gates import attach_gates
 from lit_nas.masks import save_masks
 from lit_nas.optim import LRScheduleConfig
-from tests.conftest import TINY, tiny_trainer
-from tests.conftest import tiny_data as data
+from tests.helpers import TINY, tiny_trainer
+from tests.helpers import tiny_data as data
 
 
 def masked_module() -> MultiExitModule:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,15 @@ import yaml
 
 from callbacks import NAMED_CALLBACKS, DeviceBench, Growing, LastCheckpoint, PublishBest, SnipPruning
 from lit_nas.data import SyntheticDataModule
-from lit_nas_cli import CONFIG_DIR, REPO_ROOT, LitNASCLI, resolve_config_args, warn_changed_settings
-from tests.conftest import tiny_data, tiny_trainer
+from lit_nas_cli import (
+    CONFIG_DIR,
+    REPO_ROOT,
+    LitNASCLI,
+    resolve_config_args,
+    resolve_run,
+    warn_changed_settings,
+)
+from tests.helpers import tiny_data, tiny_trainer
 from tests.run_helpers import train_py as train
 
 TINY_SNIP = str(REPO_ROOT / "tests" / "configs" / "tiny_snip.yaml")
@@ -49,22 +54,15 @@ def test_every_callback_is_tuned_switched_off_and_on_by_name(tmp_path, monkeypat
 
 
 def test_print_config_shows_the_named_callbacks(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "train.py"),
-            "fit",
-            "--config",
-            "dense_iterative_fast.yaml",
-            "--snip.keep_ratio",
-            "0.5",
-            "--device_bench",
-            "null",
-            "--print_config",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    out = train(
+        tmp_path,
+        "--config",
+        "dense_iterative_fast.yaml",
+        "--snip.keep_ratio",
+        "0.5",
+        "--device_bench",
+        "null",
+        "--print_config",
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -92,6 +90,27 @@ def test_every_fit_gets_a_last_checkpoint_in_its_run_directory(tmp_path, monkeyp
     assert cli.trainer.checkpoint_callback.dirpath == "runs/tiny_snip/checkpoints"
     own = build("--config", TINY_SNIP, "--run_dir", str(tmp_path / "mine"))
     assert of(own, LastCheckpoint)[0].path == tmp_path / "mine" / "checkpoints" / "last.ckpt"
+
+
+def test_default_root_dir_is_where_the_run_directories_go(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "elsewhere"
+    first = build("--config", TINY_SNIP, "--trainer.default_root_dir", str(root))
+    run_dir = root / "tiny_snip"
+    assert of(first, LastCheckpoint)[0].path == run_dir / "checkpoints" / "last.ckpt"
+    assert Path(first.trainer.default_root_dir) == run_dir  # what Lightning writes goes into the run
+    assert not (tmp_path / "runs").exists()
+    # --ckpt_path last looks there too: it finds this run's last.ckpt, not one under ./runs
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")  # found by name; resume is tested elsewhere
+    from lit_nas.runs import release_unused_run_dirs
+
+    release_unused_run_dirs()
+    again = resolve_run(None, "last", "tiny_snip", root)
+    assert again == (str(run_dir), str(run_dir / "checkpoints" / "last.ckpt"))
+    # a second new run under the same root is numbered beside the first (which is held by this process)
+    second = build("--config", TINY_SNIP, "--trainer.default_root_dir", str(root))
+    assert of(second, LastCheckpoint)[0].path.parent.parent.name == "tiny_snip_1"
 
 
 def test_resuming_with_changed_settings_names_each_value_and_uses_the_checkpoints(tmp_path):
@@ -161,7 +180,7 @@ def publish_run(
 
     from lit_nas import MultiExitModule, NetConfig
     from lit_nas.optim import OptimizerConfig
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     dm = tiny_data()
     model = MultiExitModule(net=NetConfig(**TINY), data_shape=dm.data_shape, optimizer=OptimizerConfig(lr=lr))

@@ -17,8 +17,8 @@ from callbacks import (
 )
 from lit_nas.data import SyntheticDataModule
 from lit_nas.summary import shipped_net
-from tests.conftest import tiny_data as data
-from tests.conftest import tiny_module, tiny_trainer
+from tests.helpers import tiny_data as data
+from tests.helpers import tiny_module, tiny_trainer
 
 
 def fit_and_test(tmp_path, callbacks, max_epochs=3, dm=None, **kwargs):

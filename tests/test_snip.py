@@ -21,9 +21,9 @@ from lit_nas.snip import (
     snip_scores,
 )
 from lit_nas.surgery import remove_channels
-from tests.conftest import ranks as run_ranks
-from tests.conftest import tiny_data as data
-from tests.conftest import tiny_module, tiny_trainer
+from tests.helpers import ranks as run_ranks
+from tests.helpers import tiny_data as data
+from tests.helpers import tiny_module, tiny_trainer
 from tests.test_growing import StopAfter
 
 

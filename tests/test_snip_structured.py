@@ -22,8 +22,8 @@ from lit_nas.module import MultiExitModule
 from lit_nas.optim import OptimizerConfig
 from lit_nas.snip import edge_scores, filter_scores, group_block, rank_units, removal_to_budget
 from lit_nas.surgery import dead_edges, edge_removed_spec, remove_edges
-from tests.conftest import tiny_data as data
-from tests.conftest import tiny_module, tiny_trainer
+from tests.helpers import tiny_data as data
+from tests.helpers import tiny_module, tiny_trainer
 from tests.test_growing import StopAfter
 from tests.test_lut import flops_like_lut
 from tests.test_nets import DENSE_KINDS, RECIPES

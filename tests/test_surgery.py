@@ -14,7 +14,7 @@ from lit_nas import DataShape, MultiExitModule, NetConfig, build_net
 from lit_nas.data import SyntheticDataModule
 from lit_nas.nets.base import MultiExitNet
 from lit_nas.surgery import remove_channels
-from tests.conftest import TINY, tiny_trainer
+from tests.helpers import TINY, tiny_trainer
 
 WRN_SE = dict(kind="wide_resnet", depth=16, widen_factor=1, se_reduction=4)
 

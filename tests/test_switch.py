@@ -18,8 +18,8 @@ from lit_nas.switches import (
     soft_threshold,
     threshold_kills,
 )
-from tests.conftest import tiny_data as data
-from tests.conftest import tiny_module, tiny_trainer
+from tests.helpers import tiny_data as data
+from tests.helpers import tiny_module, tiny_trainer
 
 
 def test_soft_threshold_is_the_l1_proximal_step():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lit_nas.arch import ArchSpec
 from lit_nas.nets.base import MultiExitNet
 from lit_nas.nets.mobilenet import MnasNetSDN, MobileNetV1SDN, MobileNetV2SDN
 from lit_nas.nets.resnet_sdn import ResNetSDN, WideResNetSDN
@@ -28,7 +29,7 @@ CELL_OPS_OF = {
 }
 
 
-def build_net(spec) -> MultiExitNet:
+def build_net(spec: ArchSpec) -> MultiExitNet:
     """Build the network described by ``spec`` (an :class:`~lit_nas.arch.ArchSpec`)."""
     if spec.kind not in NETWORKS:
         raise ValueError(f"unknown network kind {spec.kind!r}; valid choices: {sorted(NETWORKS)}")
