@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from lit_nas.summary import Summary
 from lit_nas_study.runner import Study
 from lit_nas_study.spec import FOUND, SEARCH, StudySpec, point_id
 
@@ -123,7 +124,7 @@ def collect(study: Study) -> tuple[list[PointStats], list[dict[str, Any]]]:
         if rec.get("status") != "done":
             failed.append(rec)
             continue
-        s = rec["summary"]
+        s: Summary = rec["summary"]  # checked when the record was read (Study.records)
         if rec["id"] in again:
             s = {**s, "retimed_ms": again[rec["id"]]["fp32"]}
         key = f"{rec['family']}/{point_id(rec['point'])}"

@@ -47,6 +47,7 @@ from callbacks import NAMED_CALLBACKS
 from lit_nas import paths
 from lit_nas.nets.recipe import scale_widths
 from lit_nas.protocol import search_changes
+from lit_nas.summary import Summary
 from lit_nas.validation import check_choice
 from lit_nas.yamlfile import YamlFileError, load_yaml
 
@@ -346,7 +347,7 @@ class StudySpec:
                     out.append(self._trial(family.name, label, seed, args))
         return out
 
-    def found_trial(self, searched: Trial, summary: Mapping[str, Any]) -> Trial | None:
+    def found_trial(self, searched: Trial, summary: Summary) -> Trial | None:
         """The plain training of the network ``searched`` found (same recipe), or ``None`` without one."""
         arch = summary.get("found_arch")
         if not arch:
