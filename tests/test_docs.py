@@ -78,29 +78,29 @@ def test_the_docs_show_commands_to_run():
     assert {Path(argv[0]).name for _, argv in commands} == set(SCRIPTS)
 
 
-def test_every_documented_help_and_print_config_line_runs(tmp_path):
-    commands = documented_commands()
+def run_all(argvs: list[list[str]], home: Path) -> tuple[list[dict], str]:
+    """Each ``argv`` run by :data:`RUNNER` in one fresh process; its results and stderr."""
     proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, json.dumps([argv for _, argv in commands])],
+        [sys.executable, "-c", RUNNER, json.dumps(argvs)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "WANDB_MODE": "offline",
-            "PYTHONPATH": str(ROOT),
-            "HOME": str(tmp_path),
-        },
+        env={"PATH": "/usr/bin:/bin", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "HOME": str(home)},
     )
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == len(commands), proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")], proc.stderr
+
+
+def test_every_documented_help_and_print_config_line_runs(tmp_path):
+    commands = documented_commands()
+    results, stderr = run_all([argv for _, argv in commands], tmp_path)
+    assert len(results) == len(commands), stderr[-3000:]
     bad = [
         (page, " ".join(r["argv"][1:]), r["code"])
         for (page, _), r in zip(commands, results, strict=True)
         if r["code"] != 0 or r["printed"] == 0
     ]
-    assert not bad, f"documented commands that fail: {bad}\n{proc.stderr[-3000:]}"
+    assert not bad, f"documented commands that fail: {bad}\n{stderr[-3000:]}"
 
 
 def test_a_renamed_key_would_fail(tmp_path):
@@ -114,18 +114,5 @@ def test_a_renamed_key_would_fail(tmp_path):
         "1",
         "--print_config",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, json.dumps([argv])],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "WANDB_MODE": "offline",
-            "PYTHONPATH": str(ROOT),
-            "HOME": str(tmp_path),
-        },
-    )
-    (result,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    (result,), _ = run_all([argv], tmp_path)
     assert result["code"] != 0
