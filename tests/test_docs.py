@@ -5,6 +5,7 @@ blocks of README.md, docs/ and the study write-ups, exactly as shown (``.venv/bi
 comments and line continuations handled), and run in one Python process to spare a start-up each.
 """
 
+import importlib
 import json
 import re
 import shlex
@@ -116,3 +117,42 @@ def test_a_renamed_key_would_fail(tmp_path):
     ]
     (result,), _ = run_all([argv], tmp_path)
     assert result["code"] != 0
+
+
+#: a dotted name of the code in backticks (`lit_nas.snip.PruneSchedule`, `callbacks.SnipPruning`)
+NAME = re.compile(r"`((?:lit_nas_study|lit_nas_cli|lit_nas|callbacks|device_bench)(?:\.[A-Za-z_]\w*)+)")
+#: what ends a file's name, not an attribute's (`device_bench.json`, `lit_nas_cli.py`)
+FILE_SUFFIXES = (".json", ".py", ".yaml", ".pt", ".png", ".md")
+
+
+def resolves(name: str) -> bool:
+    """Whether ``name`` is a module, or an attribute of one (a module that needs another environment, such
+    as the TensorFlow side of the export, counts when its file exists)."""
+    if name.endswith(FILE_SUFFIXES):
+        return True
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and module.startswith(err.name):
+                continue  # not a module: try a shorter prefix
+            return (ROOT / f"{module.replace('.', '/')}.py").is_file()  # it needs what this env lacks
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_every_name_of_the_code_the_docs_mention_exists():
+    names = {m.group(1) for page in PAGES for m in NAME.finditer(page.read_text())}
+    assert len(names) > 30  # the pattern finds them (42 when written)
+    assert not sorted(n for n in names if not resolves(n))
+
+
+def test_a_renamed_name_would_fail():
+    assert resolves("lit_nas.snip.PruneSchedule") and resolves("callbacks.SnipPruning")
+    assert not resolves("lit_nas.pruning.PruneSchedule") and not resolves("lit_nas.snip.NoSuchThing")
