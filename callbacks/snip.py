@@ -195,7 +195,6 @@ class SnipPruning(Callback):
         self.history: list[tuple[int, int, int, float, int, int]] = []
         self._checked_epoch = -1
         self._restored = False
-        self._surgery = self.units.structured or remove_dead_edges
         self.found_paths: tuple[Path, Path | None] | None = None
         self._planned_last: int | None = None  # last pruning epoch of the planned schedule
 
@@ -270,8 +269,7 @@ class SnipPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._surgery = self.units.structured or self.remove_dead_edges
-        if self._surgery:
+        if self.units.structured or self.remove_dead_edges:  # surgery: DDP must be able to rewrap
             check_strategy(_WHO, trainer)
         if not self._restored:  # a fresh run: forget any previous fit of this callback object
             self.activated, self.history, self._checked_epoch, self.initial = {}, [], -1, {}
