@@ -10,15 +10,15 @@ from pathlib import Path
 
 from mkdocs.structure.files import File, Files
 
-ROOT = Path(__file__).resolve().parent.parent
 #: the files of each study's results folder that the site shows
 SHOWN = ("README.md", "*.png")
 
 
 def on_files(files: Files, config) -> Files:
     """Add ``studies/results/*/README.md`` and the plots beside them."""
+    root = Path(config["config_file_path"]).resolve().parent  # the checkout: mkdocs.yml lies there
     for pattern in SHOWN:
-        for path in sorted((ROOT / "studies" / "results").glob(f"*/{pattern}")):
-            rel = path.relative_to(ROOT).as_posix()
-            files.append(File(rel, str(ROOT), config["site_dir"], config["use_directory_urls"]))
+        for path in sorted((root / "studies" / "results").glob(f"*/{pattern}")):
+            rel = path.relative_to(root).as_posix()
+            files.append(File(rel, str(root), config["site_dir"], config["use_directory_urls"]))
     return files
