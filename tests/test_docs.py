@@ -156,3 +156,18 @@ def test_every_name_of_the_code_the_docs_mention_exists():
 def test_a_renamed_name_would_fail():
     assert resolves("lit_nas.snip.PruneSchedule") and resolves("callbacks.SnipPruning")
     assert not resolves("lit_nas.pruning.PruneSchedule") and not resolves("lit_nas.snip.NoSuchThing")
+
+
+#: the YAML files a run writes (named in the docs, not shipped)
+RUN_FILES = {"found_arch.yaml", "lit_nas_config.yaml"}
+
+
+def test_every_config_the_docs_name_is_shipped():
+    named = {m.group(1) for page in PAGES for m in re.finditer(r"`([\w./-]+\.yaml)`", page.read_text())}
+    where = (ROOT / "configs", ROOT / "studies", ROOT / "tests" / "configs")
+    missing = sorted(
+        n
+        for n in named - RUN_FILES
+        if not ((ROOT / n).is_file() if "/" in n else any((d / n).is_file() for d in where))
+    )
+    assert len(named) > 20 and not missing
