@@ -17,7 +17,7 @@ CONFIG ?= quickstart.yaml
 EXPORT_VENV ?= .venv-export
 EXPORT_STAMP := $(EXPORT_VENV)/.lit_nas-export-installed
 
-.PHONY: setup export-env pi data train test lint bench reports docs clean
+.PHONY: setup export-env pi data train test lint bench reports docs gpu-check clean
 
 setup: $(STAMP) $(EXPORT_STAMP)
 
@@ -65,6 +65,14 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# On a machine with one GPU: the gpu-marked tests, then a short search on the GPU and on the CPU (images/s of
+# each); its log goes to OUT. No setup here: a GPU machine may have no network, so it runs the Python that
+# has torch (.venv's when there is one). Without a GPU it says so and exits 0.
+OUT ?= runs/gpu_check
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT)
 
 # The documentation site (docs/, mkdocs.yml, the docstrings): site/index.html. --strict: a broken link or a
 # missing reference fails the build.

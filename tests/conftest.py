@@ -35,6 +35,16 @@ def checkout_files() -> set[str]:
     return out
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip, with the reason, where CUDA is absent (``make gpu-check`` runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check runs these on a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_sessionstart(session) -> None:
     if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
         session.config._checkout_before = checkout_files()
