@@ -96,7 +96,9 @@ def rewrap_ddp(trainer: L.Trainer, find_unused_parameters: bool | None = None) -
 
 
 def _flat(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    """One float64 vector on the first tensor's device (the collective's: NCCL's are CUDA tensors)."""
+    device = tensors[0].device
+    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
 
 
 def _pieces(flat: Tensor, like: list[Tensor]) -> list[Tensor]:

@@ -142,7 +142,8 @@ class FisherAccumulator:
         totals = [self._step[g].pow(2).sum(0) for g in groups]
         counts = [float(self._step[g].shape[0]) for g in groups]
         if self.reduce is not None:
-            *totals, summed = self.reduce([*totals, torch.tensor(counts, dtype=torch.float64)])
+            counted = torch.tensor(counts, dtype=torch.float64, device=totals[0].device if totals else None)
+            *totals, summed = self.reduce([*totals, counted])  # one device: NCCL reduces CUDA tensors only
             counts = summed.tolist()
         for group, total, count in zip(groups, totals, counts):
             self._align(group)

@@ -156,3 +156,13 @@ def test_helpers_do_nothing_on_one_process(tmp_path):
     assert rewrap_ddp(trainer) is False
     t = torch.arange(3.0)
     assert all_reduce_sum(trainer, [t])[0] is t
+
+
+def test_a_collective_gathers_its_tensors_onto_the_first_ones_device():
+    # NCCL reduces CUDA tensors only: a CPU tensor beside CUDA ones (Fisher's counts) goes where they are
+    from callbacks.distributed import _flat, _pieces
+
+    like = [torch.zeros(2, device="meta"), torch.ones(3, dtype=torch.float32)]
+    flat = _flat(like)
+    assert flat.device.type == "meta" and flat.shape == (5,) and flat.dtype == torch.float64
+    assert [p.shape for p in _pieces(flat, like)] == [(2,), (3,)]
