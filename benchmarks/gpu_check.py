@@ -1,6 +1,6 @@
 """The prepared check for a machine with a GPU: ``make gpu-check OUT=dir`` (one command, under 8 minutes).
 
-1. The ``gpu``-marked tests (every search on CUDA in ``16-mixed`` and ``bf16-mixed``).
+1. The ``gpu``-marked tests (every search on CUDA in ``16-mixed`` and ``bf16-mixed``; the data kept there).
 2. A short search (growing + SNIP by filter + garbage collection + retraining from scratch) on CIFAR-shaped
    synthetic data in ``bf16-mixed``, on the GPU and then on this machine's CPU: images/s of each, and
    whether the two found the same architecture (they may differ: the arithmetic differs).
@@ -102,7 +102,7 @@ def main() -> int:
             "gpu",
             "-p",
             "no:cacheprovider",
-            "tests/test_precision.py",
+            "tests",
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"},

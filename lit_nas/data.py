@@ -131,8 +131,28 @@ class _InMemory(Dataset):
         return self.x[i], self.y[i]
 
     def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
-        t = torch.as_tensor(idx)
+        t = torch.as_tensor(idx, device=self.x.device)  # the images may live on the training device
         return self.x[t], self.y[t]
+
+    def to(self, device: torch.device) -> _InMemory:
+        """The same images and labels on ``device`` (one copy)."""
+        return _InMemory(self.x.to(device), self.y.to(device))
+
+
+def data_device(on_device: bool | None, root: torch.device | None) -> torch.device | None:
+    """Where a datamodule keeps its images: ``root`` (the training device) or ``None`` (host memory).
+
+    Args:
+        on_device: ``True`` on the training device, ``False`` in host memory, ``None`` on the training
+            device when it is a CUDA one (the datasets fit there many times over, and a step then copies
+            no image from the host).
+        root: the trainer's root device, ``None`` without a trainer.
+    """
+    if root is None or on_device is False:
+        return None
+    if on_device or root.type == "cuda":
+        return root
+    return None
 
 
 class EpochShuffle(Sampler[int]):
@@ -186,6 +206,9 @@ class ImageDataModule(L.LightningDataModule):
         augment: random crop (reflect pad ``crop_pad``) and horizontal flip on training batches.
         crop_pad: padding of the random crop.
         num_workers: DataLoader workers (0 is right: batches are single indexing operations).
+        on_device: keep the images on the training device (``True``), in host memory (``False``), or on
+            it when it is a CUDA device (``None``): the datasets go there once, augmentation runs there,
+            and a step copies no image from the host. Needs ``num_workers: 0``.
     """
 
     def __init__(
@@ -199,6 +222,7 @@ class ImageDataModule(L.LightningDataModule):
         augment: bool = True,
         crop_pad: int = 4,
         num_workers: int = 0,
+        on_device: bool | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -226,6 +250,7 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = augment
         self.crop_pad = crop_pad
         self.num_workers = num_workers
+        self.on_device = on_device
         self.mean: Tensor | None = None
         self.std: Tensor | None = None
         self._splits: dict[str, _InMemory] = {}
@@ -289,6 +314,16 @@ class ImageDataModule(L.LightningDataModule):
         tr = self._splits["train"].x.float().div_(255)
         self.mean = tr.mean(dim=(0, 2, 3))
         self.std = tr.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        trainer = self.trainer  # None when set up by hand: host memory
+        device = data_device(self.on_device, trainer.strategy.root_device if trainer is not None else None)
+        if device is not None and device.type != "cpu":
+            if self.num_workers:
+                raise ValueError(
+                    f"on_device keeps the images on {device}, where DataLoader workers cannot index them; "
+                    f"set num_workers: 0 (got {self.num_workers}) or on_device: false"
+                )
+            self._splits = {k: ds.to(device) for k, ds in self._splits.items()}
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self._splits[split]
@@ -311,11 +346,12 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def criterion_batches(self, num_batches: int, batch_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-        """Distinct training images for a pruning criterion: normalised, not augmented, on the CPU.
+        """Distinct training images for a pruning criterion: normalised, not augmented.
 
-        Drawn without replacement from the training split by a generator seeded with ``(seed, run seed)``,
-        so every rank (and a resumed run) draws the same images, and the training order and augmentation
-        are left untouched.
+        They lie where the data is kept (host memory, or the training device with ``on_device``). Drawn
+        without replacement from the training split by a generator seeded with ``(seed, run seed)``, so every
+        rank (and a resumed run) draws the same images, and the training order and augmentation are left
+        untouched.
         """
         if self.mean is None or self.std is None:
             raise RuntimeError("call setup() before criterion_batches(): the data is not loaded")
@@ -331,7 +367,7 @@ class ImageDataModule(L.LightningDataModule):
         return [self.prepare_batch(ds.__getitems__(i.tolist()), train=False) for i in idx]
 
     def holdout_batches(self, batch_size: int | None = None) -> list[tuple[Tensor, Tensor]]:
-        """The held-out split (``holdout_size`` images), normalised, in a fixed order, on the CPU."""
+        """The held-out split (``holdout_size`` images), normalised, in a fixed order, where the data lies."""
         if self.mean is None or self.std is None:
             raise RuntimeError("call setup() before holdout_batches(): the data is not loaded")
         ds = self._splits["holdout"]

@@ -138,3 +138,40 @@ def test_augmentation_only_on_training_batches():
     dm._aug = None
     again, _ = dm.prepare_batch(batch, train=True, epoch=0)
     torch.testing.assert_close(aug, again)  # same epoch, same draws
+
+
+def test_the_data_goes_to_a_cuda_device_unless_told_otherwise():
+    from lit_nas.data import data_device
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert data_device(None, cuda) == cuda and data_device(True, cuda) == cuda
+    assert data_device(None, cpu) is None and data_device(False, cuda) is None
+    assert (
+        data_device(True, cpu) == cpu and data_device(None, None) is None and data_device(True, None) is None
+    )
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_images_live_there_and_a_step_copies_none(tmp_path):
+    import lightning as L
+
+    from lit_nas.data import SyntheticDataModule
+    from tests.helpers import tiny_module
+
+    dm = SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(tiny_module(), datamodule=dm)
+    assert all(ds.x.is_cuda and ds.y.is_cuda for ds in dm._splits.values())
+    x, y = next(iter(dm.train_dataloader()))  # straight from the loader: already on the device
+    assert x.is_cuda and y.is_cuda and x.dtype == torch.uint8
+    with pytest.raises(ValueError, match="num_workers: 0"):
+        bad = SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32, num_workers=2)
+        L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False).fit(tiny_module(), datamodule=bad)
