@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
 
 from callbacks import (
     FisherPruning,
@@ -59,12 +61,14 @@ RUNS = [
 ]
 
 
-def fit(tmp_path, search: str, accelerator: str, precision: str, max_epochs: int = 5):
+def fit(tmp_path, search: str, accelerator: str, precision: str | None, max_epochs: int = 5, **kwargs):
     module = tiny_module()
     dm = SyntheticDataModule(num_train=208, num_test=64, input_size=16, batch_size=32, holdout_size=48)
-    callbacks = SEARCHES[search]()
+    callbacks = [*SEARCHES[search](), *kwargs.pop("callbacks", [])]
+    if precision is not None:
+        kwargs["precision"] = precision
     trainer = tiny_trainer(
-        tmp_path, max_epochs=max_epochs, callbacks=callbacks, accelerator=accelerator, precision=precision
+        tmp_path, max_epochs=max_epochs, callbacks=callbacks, accelerator=accelerator, **kwargs
     )
     trainer.fit(module, datamodule=dm)
     return module, trainer, callbacks
@@ -100,6 +104,30 @@ def test_every_search_trains_in_mixed_precision(tmp_path, search, accelerator, p
     check_consistent(module, trainer)
     changed = module.arch_spec.to_dict() != tiny_module().arch_spec.to_dict() or module.masks()
     assert changed, f"{search} changed nothing under {precision}"
+
+
+class Scales(Callback):
+    """The gradient scaler's scale after every training step."""
+
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+
+@pytest.mark.parametrize("search", ["snip_weight", "grow_snip_filter_gc_retrain", "fisher_gc", "switch_l1"])
+def test_steps_a_gradient_scaler_skips_leave_masks_switches_and_surgery_in_step(tmp_path, search):
+    # float16 autocast with a scaler whose first scales overflow: the first steps are skipped (as on a GPU
+    # with 16-mixed); pruning and surgery happen among them, and everything must still agree afterwards
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=1000)
+    scales = Scales()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    module, trainer, _ = fit(tmp_path, search, "cpu", None, callbacks=[scales], plugins=[plugin])
+    check_consistent(module, trainer)
+    halved = sum(b < a for a, b in zip([2.0**24, *scales.scales], scales.scales))
+    assert halved >= 3, scales.scales  # steps were skipped ...
+    assert scales.scales[-1] == scales.scales[-2] == scales.scales[-3]  # ... and then taken
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: make gpu-check runs the check itself")
