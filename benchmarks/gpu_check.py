@@ -78,10 +78,12 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="where the log and figures go")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print(
-            f"gpu-check: no GPU here (torch {torch.__version__}, CUDA build {torch.version.cuda}, "
-            "torch.cuda.is_available() is False): nothing to check; run it on a machine with one"
+        why = (
+            "this torch is a CPU build: on a GPU machine install a CUDA one (make setup CPU_ONLY=0)"
+            if torch.version.cuda is None
+            else f"CUDA {torch.version.cuda} build, but no device is visible"
         )
+        print(f"gpu-check: no GPU here (torch {torch.__version__}; {why}): nothing to check")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     log = (args.out / "gpu_check.log").open("w")
