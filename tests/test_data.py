@@ -153,25 +153,15 @@ def test_the_data_goes_to_a_cuda_device_unless_told_otherwise():
 
 @pytest.mark.gpu
 def test_on_a_gpu_the_images_live_there_and_a_step_copies_none(tmp_path):
-    import lightning as L
-
     from lit_nas.data import SyntheticDataModule
-    from tests.helpers import tiny_module
+    from tests.helpers import tiny_module, tiny_trainer
 
     dm = SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32)
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = tiny_trainer(tmp_path, accelerator="gpu", deterministic="warn")
     trainer.fit(tiny_module(), datamodule=dm)
     assert all(ds.x.is_cuda and ds.y.is_cuda for ds in dm._splits.values())
     x, y = next(iter(dm.train_dataloader()))  # straight from the loader: already on the device
     assert x.is_cuda and y.is_cuda and x.dtype == torch.uint8
     with pytest.raises(ValueError, match="num_workers: 0"):
         bad = SyntheticDataModule(num_train=160, num_test=64, input_size=16, batch_size=32, num_workers=2)
-        L.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False).fit(tiny_module(), datamodule=bad)
+        tiny_trainer(tmp_path, accelerator="gpu", deterministic="warn").fit(tiny_module(), datamodule=bad)
