@@ -14,15 +14,13 @@ from collections.abc import Mapping
 import lightning as L
 from torch import Tensor
 
-from lit_nas.protocol import NASModule
-
-#: the callbacks that search channels or weights (by class name: this module imports none of them)
-CHANNEL_SEARCHES = ("SnipPruning", "FisherPruning", "SwitchL1", "NetAdapt", "MorphNet")
+from lit_nas.protocol import NASModule, search_changes
 
 
 def refuse_two_searches(trainer: L.Trainer, who: str) -> None:
     """``ValueError`` naming both when ``trainer`` holds another channel search besides ``who``."""
-    names = [type(cb).__name__ for cb in trainer.callbacks if type(cb).__name__ in CHANNEL_SEARCHES]
+    # the width searches of lit_nas.protocol.ArchitectureSearch: the one definition of "which search"
+    names = [type(cb).__name__ for cb in trainer.callbacks if search_changes(cb) == "width"]
     others = [n for n in names if n != who]
     if others:
         raise ValueError(

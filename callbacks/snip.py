@@ -159,9 +159,9 @@ class SnipPruning(Callback):
         check_choice(_WHO, "stop_at", stop_at, STOP_AT)
         #: the unit kind pruned (lit_nas.snip.UNIT_KINDS): what is scored, the units, their removal
         self.units = UNIT_KINDS[granularity]
-        if include_exits and self.units.structured:
+        if include_exits and isinstance(self.units, StructuredUnits):
             raise ValueError(f"{_WHO} include_exits prunes the exits' weights: it needs granularity 'weight'")
-        if stop_at == "latency" and not self.units.structured:
+        if stop_at == "latency" and not isinstance(self.units, StructuredUnits):
             raise ValueError(
                 f"{_WHO} stop_at 'latency' needs granularity 'filter' or 'edge': scattered zero weights "
                 "do not make the exported network faster"
@@ -269,7 +269,7 @@ class SnipPruning(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.units.structured or self.remove_dead_edges:  # surgery: DDP must be able to rewrap
+        if isinstance(self.units, StructuredUnits) or self.remove_dead_edges:  # surgery: DDP must rewrap
             check_strategy(_WHO, trainer)
         if not self._restored:  # a fresh run: forget any previous fit of this callback object
             self.activated, self.history, self._checked_epoch, self.initial = {}, [], -1, {}
@@ -320,7 +320,7 @@ class SnipPruning(Callback):
             rows = self._prune_units(trainer, module, self.units, blocks, scores, ratios, done, epoch)
         else:
             rows = self._prune_weights(trainer, module, blocks, scores, ratios, done, epoch)
-        if not self.units.structured and self.remove_dead_edges:
+        if not isinstance(self.units, StructuredUnits) and self.remove_dead_edges:
             dead = dead_edges(net, module.masks(), prefix="net.")
             if dead:
                 module.set_arch_spec(remove_edges(net, dead, trainer.optimizers))

@@ -383,8 +383,6 @@ class WeightUnits:
     name = "weight"
     #: what the log counts
     noun = "weights"
-    #: units are removed by surgery (a narrower network), not masked
-    structured = False
 
     def scope(
         self, weights: Mapping[int, Mapping[str, nn.Parameter]], net: MultiExitNet, blocks: Sequence[int]
@@ -406,7 +404,6 @@ class StructuredUnits:
 
     name: str
     noun: str
-    structured = True
 
     def scope(
         self, weights: Mapping[int, Mapping[str, nn.Parameter]], net: MultiExitNet, blocks: Sequence[int]
@@ -472,7 +469,7 @@ class FilterUnits(StructuredUnits):
 
     def spec_without(self, net: MultiExitNet, removed: Iterable[tuple]) -> ArchSpec:
         """The ArchSpec with each group narrower by its removed channels."""
-        return net.resized_spec_all({g: n - len(kept) for g, (n, kept) in self._cut(net, removed).items()})
+        return net.resized_spec_all({g: n - len(cut) for g, (n, cut) in self._cut(net, removed).items()})
 
     def remove(
         self, net: MultiExitNet, removed: Sequence[tuple], optimizers: Iterable[torch.optim.Optimizer] = ()

@@ -6,11 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from device_bench.export import PRECISIONS
 from lit_nas_study.runner import ENGINES, RESULTS_ROOT, RUNS_ROOT, Study, run_study
 from lit_nas_study.spec import StudySpec, StudySpecError
-
-#: what ``retime --precisions`` may name
-PRECISIONS = ("fp32", "int8")
 
 
 def _precisions(text: str) -> tuple[str, ...]:
