@@ -3,8 +3,11 @@
 - ``export CKPT --out DIR``: a checkpoint to ``.tflite`` files (per exit + full; int8 calibrated on
   ``--data`` training images);
 - ``time MODEL.tflite ... [--runner ssh --host pi]``: the thesis's timing protocol, JSON out;
+- ``staircase [--config YAML | --arch SPEC | --ckpt CKPT] --out staircase.json [--plot PNG]``: latency
+  against channels 1..64 for each layer family (that network's, or all), and the channel steps detected;
 - ``lut (--config YAML | --arch SPEC | --ckpt CKPT) --out lut.json``: per-layer latency look-up tables
-  covering that network and every narrower version of it;
+  covering that network and every narrower version of it, aligned to the device's channel steps (measured
+  first, or read from ``--staircase``; ``--smoothed``: the older Gaussian-smoothed tables);
 - ``lut-check --lut lut.json (--config | --arch | --ckpt) [--variants 20]``: Pearson r and mean abs % error
   of the predictor over random pruned variants, measured as whole models.
 """
@@ -56,8 +59,8 @@ def spec_from_args(args: argparse.Namespace) -> ArchSpec:
     return NetConfig(**model.get("net", {})).build_spec(shape)
 
 
-def _add_arch(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group(required=True)
+def _add_arch(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--config", help="training config (configs/NAME or a path): its model.net and data")
     g.add_argument("--arch", help="an ArchSpec file (found_arch.yaml)")
     g.add_argument("--ckpt", help="a lit_nas checkpoint")
@@ -102,11 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", help="JSON report (default: stdout)")
     _add_runner(t)
 
+    st = sub.add_parser("staircase", help="latency against channel count per layer family; the steps")
+    _add_arch(st, required=False)
+    st.add_argument("--out", required=True, help="the staircase record (JSON)")
+    st.add_argument("--plot", help="a PNG of every sweep")
+    st.add_argument("--max-channels", type=int, default=64)
+    st.add_argument("--fixed", type=int, nargs="+", default=[32], help="the other axis's widths")
+    st.add_argument("--work-dir", help="where the one-layer models go (default: a temporary directory)")
+    _add_runner(st)
+
     lut = sub.add_parser("lut", help="build per-layer latency look-up tables")
     _add_arch(lut)
     lut.add_argument("--out", required=True)
     lut.add_argument("--channels", type=int, nargs="+", default=None, help="grid of channel counts")
-    lut.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing in grid steps (0: off)")
+    kind = lut.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--staircase", help="align to the steps of this staircase record (default: measure one)"
+    )
+    kind.add_argument("--smoothed", action="store_true", help="Gaussian-smoothed tables, no steps (older)")
+    lut.add_argument("--sigma", type=float, default=1.0, help="--smoothed: smoothing in grid steps (0: off)")
     lut.add_argument(
         "--calibration",
         type=int,
@@ -150,18 +167,50 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from device_bench import lut as lut_mod
+    from device_bench import staircase as st_mod
 
+    if args.command == "staircase":
+        has_arch = args.config or args.arch or args.ckpt
+        configs = st_mod.spec_sweeps([spec_from_args(args)]) if has_arch else st_mod.DEFAULT_SWEEPS
+        with tempfile.TemporaryDirectory(prefix="lit_nas_staircase_") as tmp:
+            record = st_mod.measure_staircase(
+                configs, args.work_dir or tmp, runner, settings, args.max_channels, args.fixed
+            )
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1))
+        print(st_mod.describe(record))
+        if args.plot:
+            print(f"plot: {st_mod.plot(record, args.plot)}")
+        return 0
     spec = spec_from_args(args)
     if args.command == "lut":
         channels = tuple(args.channels) if args.channels else lut_mod.DEFAULT_CHANNELS
         with tempfile.TemporaryDirectory(prefix="lit_nas_lut_") as tmp:
+            steps = None
+            if args.staircase:
+                steps = st_mod.steps_of(st_mod.load_staircase(args.staircase))
+            elif not args.smoothed:  # the device's own steps first, for this network's families
+                record = st_mod.measure_staircase(
+                    st_mod.spec_sweeps([spec]), args.work_dir or tmp, runner, settings
+                )
+                print(st_mod.describe(record))
+                steps = st_mod.steps_of(record)
             table = lut_mod.measure_lut(
-                [spec], args.work_dir or tmp, runner, settings, channels, args.sigma, args.calibration
+                [spec],
+                args.work_dir or tmp,
+                runner,
+                settings,
+                channels,
+                args.sigma,
+                args.calibration,
+                steps=steps,
             )
         table.save(args.out)
+        kind = f"aligned, step {table.step}" if table.aligned else "smoothed"
         print(
-            f"{args.out}: {len(table.tables)} tables, scale {table.scale:.3f}; predicted latency of the "
-            f"network {table.predict(spec):.3f} ms on {table.device.get('machine')}"
+            f"{args.out}: {len(table.tables)} tables ({kind}), "
+            f"scale {table.scale:.3f}; predicted latency of the network {table.predict(spec):.3f} ms on "
+            f"{table.device.get('machine')}"
         )
         return 0
     table = lut_mod.LatencyLUT.load(args.lut)

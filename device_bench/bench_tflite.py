@@ -5,7 +5,8 @@ Protocol of the Liège thesis, section 2.3: for each model, warm up for ``--warm
 ``--runs`` single-image inferences (``invoke`` only) and report their mean, median and standard deviation;
 repeat for ``--passes`` passes over the models, each in a new shuffled order, sleeping ``--sleep-s`` seconds
 between models so the CPU does not heat up (10 s on a Raspberry Pi; 0 is fine on a desktop). The summary
-of a model is over all its timed runs; ``per_pass_mean_ms`` keeps each pass.
+of a model is over all its timed runs; ``per_pass_mean_ms`` and ``per_pass_median_ms`` keep each pass, and
+``load`` the device's load averages before and after the passes (the load guard of the latency tables).
 
 With ``--inputs X.npy`` (NHWC float32 images) every model is also run on every image and its outputs are
 saved by name into ``--save-outputs`` (npz keys ``<model>:<output>``), to measure accuracy or compare with
@@ -99,6 +100,14 @@ def time_model(model: Model, image: np.ndarray, warmup_s: float, runs: int) -> l
     return times
 
 
+def _loadavg() -> list[float]:
+    """The device's 1, 5 and 15 minute load averages (empty where the OS has none)."""
+    try:
+        return [round(x, 3) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return []
+
+
 def summary(times: list[float]) -> dict[str, float]:
     """Mean, median and standard deviation in milliseconds."""
     return {
@@ -155,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.save_outputs:
             np.savez(args.save_outputs, **outputs)
 
+    load_before = _loadavg()
     rng = random.Random(args.seed)
     image_rng = np.random.default_rng(args.seed)
     times: dict[str, list[list[float]]] = {n: [] for n in names}
@@ -184,10 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup_s": args.warmup_s,
         "sleep_s": args.sleep_s,
         "orders": order_log,
+        "load": {"before": load_before, "after": _loadavg(), "cpus": os.cpu_count() or 1},
         "models": {
             n: dict(
                 summary([t for run in times[n] for t in run]) if times[n] else {},
                 per_pass_mean_ms=[statistics.fmean(run) for run in times[n]],
+                per_pass_median_ms=[statistics.median(run) for run in times[n]],
                 runs=len(times[n][0]) if times[n] else 0,
                 total_runs=sum(len(run) for run in times[n]),
                 outputs=sorted(models[n].outputs),

@@ -191,8 +191,10 @@ def build_layer(cfg: dict[str, Any], seed: int = 0) -> Any:
     ``cfg`` (from :func:`device_bench.lut.table_layers`): ``op`` is ``conv`` (``k``, ``stride``,
     ``relu``, ``act``: conv -> BN [-> ReLU or ReLU6], as in the network), ``dw`` (depthwise ``k`` x ``k``
     conv -> BN -> ``act`` over ``cin`` channels), ``add`` (residual addition, and its ReLU unless ``relu``
-    is false) or ``head`` (an exit head: ``kernel``, ``mixed``, ``classes``), at input resolution ``res``
-    with ``cin`` input and ``cout`` output channels.
+    is false), ``se`` (Squeeze-and-Excitation over ``cin`` channels, ``cout`` hidden), ``concat`` (the
+    concatenation of two ``cin``-channel halves: a table entry of ``2 cin`` channels), ``pool`` (average
+    pooling ``k``) or ``head`` (an exit head: ``kernel``, ``mixed``, ``classes``), at input resolution
+    ``res`` with ``cin`` input and ``cout`` output channels.
     """
     rng = np.random.default_rng(seed)
     res, cin, cout = cfg["res"], cfg["cin"], cfg["cout"]
@@ -217,6 +219,15 @@ def build_layer(cfg: dict[str, Any], seed: int = 0) -> Any:
         y = keras.layers.Add(name="add")([x, x])
         if cfg.get("relu", True):
             y = build.relu(y, "r")
+    elif cfg["op"] == "se":  # Squeeze-and-Excitation over cin channels with cout hidden units
+        for n, shape in (("fc1", (cout, cin, 1, 1)), ("fc2", (cin, cout, 1, 1))):
+            w[f"s.{n}.weight"] = rng.standard_normal(shape).astype(np.float32) * 0.1
+            w[f"s.{n}.bias"] = np.zeros(shape[0], np.float32)
+        y = build.squeeze_excite(x, "s")
+    elif cfg["op"] == "concat":  # a dense cell's concatenation, cin channels in all, of two equal halves
+        y = keras.layers.Concatenate(axis=-1, name="cat")([x, x])
+    elif cfg["op"] == "pool":  # the average pooling of a dense cell's larger source
+        y = keras.layers.AveragePooling2D(cfg["k"], name="pool")(x)
     elif cfg["op"] == "head":
         s = res // cfg["kernel"]
         w["h.linear.weight"] = rng.standard_normal((cfg["classes"], cin * s * s)).astype(np.float32) * 0.1
@@ -225,5 +236,6 @@ def build_layer(cfg: dict[str, Any], seed: int = 0) -> Any:
         head = {"kernel": cfg["kernel"], "mixed": cfg["mixed"], "out_size": s, "channels": cin}
         y = build.exit_head(x, "h", head, "out")
     else:
-        raise ValueError(f"unknown layer op {cfg['op']!r}; valid choices: ['add', 'conv', 'dw', 'head']")
+        ops = ["add", "concat", "conv", "dw", "head", "pool", "se"]
+        raise ValueError(f"unknown layer op {cfg['op']!r}; valid choices: {ops}")
     return keras.Model(x, {"out": y})

@@ -21,7 +21,19 @@ from typing import Any
 import numpy as np
 
 from lit_nas.arch import ArchSpec
-from lit_nas.latency import LatencyLUT, Layer, channel_latency, fit_scale, smooth, spec_layers, work_grid
+from lit_nas.latency import (
+    LatencyLUT,
+    Layer,
+    align,
+    channel_latency,
+    entry_spread,
+    fit_scale,
+    measurement_quality,
+    smooth,
+    spec_layers,
+    step_family,
+    work_grid,
+)
 
 __all__ = [  # the predictor's names stay importable from here
     "DEFAULT_CHANNELS",
@@ -45,9 +57,23 @@ __all__ = [  # the predictor's names stay importable from here
 DEFAULT_CHANNELS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
-def grid(maximum: int, channels: Sequence[int]) -> list[int]:
-    """Grid points of one table axis: the default points below ``maximum``, then ``maximum`` itself."""
-    return sorted({c for c in channels if c < maximum} | {maximum})
+#: An aligned axis measures every multiple of its step up to this many tiles, then the grid's points.
+DENSE_TILES = 16
+
+
+def grid(maximum: int, channels: Sequence[int], step: int = 0) -> list[int]:
+    """Grid points of one table axis.
+
+    ``step`` 0 (smoothed tables): the default points below ``maximum``, then ``maximum`` itself. ``step``
+    >= 1 (aligned tables): multiples of the step only: every one up to ``DENSE_TILES`` tiles (the staircase
+    itself), then the default points rounded up to the step, and ``maximum`` rounded up.
+    """
+    if step < 1:
+        return sorted({c for c in channels if c < maximum} | {maximum})
+    top = align(maximum, step)
+    tiles = top // step
+    dense = {step * i for i in range(1, min(tiles, DENSE_TILES) + 1)}
+    return sorted(dense | {align(c, step) for c in channels if c < maximum} | {top})
 
 
 @dataclass
@@ -58,15 +84,24 @@ class TableSpec:
     config: dict[str, Any]
     cin: list[int]
     cout: list[int]
+    cin_step: int = 0  # 0: a smoothed table (no steps); >= 1: aligned to this step
+    cout_step: int = 0
+
+
+#: ``{family: (cin step, cout step)}`` of aligned tables (:func:`lit_nas.latency.step_family`).
+Steps = dict[str, tuple[int, int]]
 
 
 def plan_tables(
-    specs: Iterable[ArchSpec], channels: Sequence[int] = DEFAULT_CHANNELS
+    specs: Iterable[ArchSpec], channels: Sequence[int] = DEFAULT_CHANNELS, steps: Steps | None = None
 ) -> dict[str, TableSpec]:
     """The tables that cover every layer of ``specs`` (and any narrower version of them).
 
     Each table's grid runs up to the widest layer of its kind; the stem's input channels (the image) are
-    never pruned, so a conv whose input is always the image gets that single input width.
+    never pruned, so a conv whose input is always the image gets that single input width. With ``steps``
+    (the device's staircase, :mod:`device_bench.staircase`) the tables are aligned: their grids are
+    multiples of their family's steps (a family the staircase did not sweep gets step 1, every channel
+    count a boundary).
     """
     maxima: dict[str, list[int]] = {}
     configs: dict[str, dict[str, Any]] = {}
@@ -84,17 +119,28 @@ def plan_tables(
                 pruned_input.add(layer.key)
     tables = {}
     for key, (cin, cout) in maxima.items():
-        cin_grid = sorted(set(grid(cin, channels) if key in pruned_input else []) | image.get(key, set()))
-        cout_grid = grid(cout, channels) if cout else [0]
-        tables[key] = TableSpec(key, configs[key], cin_grid, cout_grid)
+        a, b = steps.get(step_family(configs[key]), (1, 1)) if steps is not None else (0, 0)
+        cin_grid = sorted(set(grid(cin, channels, a) if key in pruned_input else []) | image.get(key, set()))
+        cout_grid = grid(cout, channels, b) if cout else [0]
+        tables[key] = TableSpec(key, configs[key], cin_grid, cout_grid, a, b if cout else min(a, 1))
     return tables
 
 
 def from_measurements(
-    tables: dict[str, TableSpec], ms: dict[str, np.ndarray], overhead_ms: float, sigma: float, **info: Any
+    tables: dict[str, TableSpec],
+    ms: dict[str, np.ndarray],
+    overhead_ms: float,
+    sigma: float,
+    spread: dict[str, np.ndarray] | None = None,
+    **info: Any,
 ) -> LatencyLUT:
-    """Assemble a :class:`LatencyLUT` from the mean latency of every grid point (overhead included)."""
+    """Assemble a :class:`LatencyLUT` from the latency of every grid point (overhead included).
+
+    Aligned tables (``cin_step`` >= 1) are never smoothed: a Gaussian would carry each step's cost into the
+    channels below it. ``spread``: each entry's pass-to-pass spread (kept in the table).
+    """
     out = {}
+    aligned = any(t.cin_step for t in tables.values())
     for key, t in tables.items():
         raw = np.maximum(np.asarray(ms[key], dtype=float) - overhead_ms, 0.0)
         out[key] = {
@@ -102,9 +148,13 @@ def from_measurements(
             "cout": t.cout,
             "config": t.config,
             "raw_ms": raw.tolist(),
-            "ms": smooth(raw, sigma, work_grid(t)).tolist(),
+            "ms": (raw if aligned else smooth(raw, sigma, work_grid(t))).tolist(),
         }
-    return LatencyLUT(out, overhead_ms, sigma, **info)
+        if aligned:
+            out[key].update(cin_step=max(t.cin_step, 1), cout_step=max(t.cout_step, 1))
+        if spread is not None:
+            out[key]["spread"] = np.asarray(spread[key], float).round(4).tolist()
+    return LatencyLUT(out, overhead_ms, 0.0 if aligned else sigma, **info)
 
 
 def pearson_mape(predicted: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
@@ -136,18 +186,25 @@ def layer_models(
     return tables, where, [m.path for m in load_manifest(root).models]
 
 
+def layer_config(config: dict[str, Any], cin: int, cout: int) -> dict[str, Any]:
+    """The one-layer model of a table entry (:func:`device_bench.keras_mirror.build_layer`)."""
+    if config["op"] == "concat":  # the entry is the total: two halves of cin // 2
+        return dict(config, cin=max(1, cin // 2), cout=max(1, cin // 2))
+    return dict(config, cin=cin, cout=cout if cout else cin)
+
+
 def _layer_bundle(
-    specs: Iterable[ArchSpec], out_dir: str | Path, channels: Sequence[int]
+    specs: Iterable[ArchSpec], out_dir: str | Path, channels: Sequence[int], steps: Steps | None = None
 ) -> tuple[dict[str, TableSpec], dict[str, tuple[str, int, int]], Path]:
     """The bundle of :func:`layer_models`, not yet converted: its tables, model places and directory."""
-    tables = plan_tables(specs, channels)
+    tables = plan_tables(specs, channels, steps)
     layers: dict[str, dict[str, Any]] = {"overhead": {"op": "add", "res": 1, "cin": 1, "cout": 1}}
     where: dict[str, tuple[str, int, int]] = {}
     for t_i, t in enumerate(tables.values()):
         for i, cin in enumerate(t.cin):
             for j, cout in enumerate(t.cout):
                 name = f"t{t_i}_{i}_{j}"
-                layers[name] = dict(t.config, cin=cin, cout=cout if cout else cin)
+                layers[name] = layer_config(t.config, cin, cout)
                 where[name] = (t.key, i, j)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -168,14 +225,27 @@ def lut_from_report(
     occasional preempted run, the positive spikes the thesis saw in its tables.
     """
     ms = {t.key: np.zeros((len(t.cin), len(t.cout))) for t in tables.values()}
+    spread = {t.key: np.zeros((len(t.cin), len(t.cout))) for t in tables.values()}
+    models = result.report["models"]
     for name, (key, i, j) in where.items():
         ms[key][i, j] = result.latency_ms(name, statistic)
+        spread[key][i, j] = entry_spread(models[name].get("per_pass_median_ms", []))
     report = result.report
     device = {k: report.get(k) for k in ("machine", "system", "python", "interpreter")}
     setting = {k: report.get(k) for k in ("runs", "passes", "warmup_s", "sleep_s", "threads")}
     setting["statistic"] = statistic
     overhead = result.latency_ms("overhead", statistic)
-    return from_measurements(tables, ms, overhead, sigma, device=device, settings=setting)
+    load = report.get("load", {})
+    quality = measurement_quality(
+        [v for a in spread.values() for v in a.ravel()],
+        load.get("before", []),
+        load.get("after", []),
+        load.get("cpus", 1),
+        report.get("threads", 1),
+    )
+    return from_measurements(
+        tables, ms, overhead, sigma, spread, device=device, settings=setting, quality=quality
+    )
 
 
 def measure_lut(
@@ -188,6 +258,7 @@ def measure_lut(
     calibration: int = 5,
     statistic: str = "median",
     python: str | None = None,
+    steps: Steps | None = None,
 ) -> LatencyLUT:
     """Build the one-layer models of every table for ``specs``, time them with ``runner``, assemble the LUT.
 
@@ -202,10 +273,12 @@ def measure_lut(
             :attr:`LatencyLUT.scale` (0: no calibration, scale 1).
         statistic: ``median`` or ``mean`` of each model's timed runs.
         python: Python of the TensorFlow environment.
+        steps: the device's channel steps per family (:func:`device_bench.staircase.steps_of`): aligned
+            tables, never smoothed; ``None``: smoothed tables over ``channels``.
     """
     from device_bench.export import load_manifest, run_tf_side
 
-    tables, where, layers = _layer_bundle(specs, Path(out_dir) / "layers", channels)
+    tables, where, layers = _layer_bundle(specs, Path(out_dir) / "layers", channels, steps)
     calib_specs = pruned_variants(specs[0], calibration, seed=1000) if calibration else []
     calib = _variant_bundles(calib_specs, Path(out_dir) / "calibration")
     run_tf_side([layers, *calib], python)  # one TensorFlow start-up for the layers and the calibration nets

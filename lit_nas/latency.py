@@ -10,12 +10,26 @@ on the device for that layer type at that resolution over a grid of input/output
   channels (1-D table);
 - ``add_r<res>``: a residual addition and its ReLU, over ``cin`` channels; ``addlin_r<res>``: the addition
   of an inverted residual (no activation after it);
+- ``se_r<res>``: a Squeeze-and-Excitation gate over ``cin`` channels with ``cout`` hidden units (global
+  pooling, two 1x1 convs, sigmoid, the channel scaling);
+- ``concat_r<res>``: the concatenation that a dense cell reads, over its total ``cin`` channels;
+  ``avgpool<k>_r<res>``: the average pooling of one of its earlier, larger feature maps, over ``cin``;
 - ``head_k<kernel>_<mixed|avg>_r<res>_n<classes>``: an exit head (pooling, linear) over ``cin`` channels;
 
-plus the fixed cost of one interpreter invocation (``overhead_ms``). Tables are smoothed with a 2-D Gaussian
-(``scipy.ndimage``); between grid points the predictor interpolates bilinearly, and a scale fitted on a few
-whole networks (:func:`fit_scale`) turns the sum of layers into a network's latency. Squeeze-and-Excitation
-and dense concatenation/pooling are not in the tables.
+plus the fixed cost of one interpreter invocation (``overhead_ms``).
+
+**Aligned tables** (``cin_step``/``cout_step`` > 1 in a table): the device's kernels compute output (and
+often input) channels in tiles, so a layer with 9 channels costs what one with 16 does. Such a table is
+measured at multiples of the step, and a layer is read at its channels rounded *up* to the step: the
+prediction is exact at every step boundary and constant between boundaries, and between two measured
+multiples it is linear in the number of tiles. No smoothing crosses a step (``sigma`` 0). The steps are
+measured, not assumed (:func:`detect_step` on a staircase sweep, ``python -m device_bench staircase``).
+
+**Smoothed tables** (steps 1, the format before aligned tables): smoothed with a 2-D Gaussian
+(``scipy.ndimage``) and interpolated bilinearly over a coarse grid; kept readable, and measured beside the
+aligned ones to compare the two.
+
+A scale fitted on a few whole networks (:func:`fit_scale`) turns the sum of layers into a network's latency.
 
 Pure: numpy, scipy and the ArchSpec. Measuring the tables on a device is ``device_bench.lut``'s job.
 """
@@ -68,27 +82,60 @@ def _add(res: int, channels: int, relu: bool) -> Layer:
     return Layer(f"{'add' if relu else 'addlin'}_r{res}", channels, 0, tuple(sorted(cfg.items())))
 
 
+def _se(res: int, channels: int, hidden: int) -> Layer:
+    return Layer(f"se_r{res}", channels, hidden, (("op", "se"), ("res", res)))
+
+
+def _concat(res: int, channels: int) -> Layer:
+    return Layer(f"concat_r{res}", channels, 0, (("op", "concat"), ("res", res)))
+
+
+def _avgpool(k: int, res: int, channels: int) -> Layer:
+    return Layer(f"avgpool{k}_r{res}", channels, 0, (("k", k), ("op", "pool"), ("res", res)))
+
+
+def dense_input_layers(spec: ArchSpec, i: int) -> list[Layer]:
+    """What dense cell ``i`` computes before its first conv (empty for plain nets).
+
+    The average pooling of each larger source it reads (``avgpool``) and their concatenation (``concat``,
+    when it reads more than one).
+    """
+    if not spec.dense:
+        return []
+    widths, sizes = spec.feature_widths(), spec.feature_sizes()
+    reads, res = spec.cell_reads(i), sizes[i]
+    layers = [_avgpool(sizes[j] // res, sizes[j], widths[j]) for j in reads if sizes[j] != res]
+    if len(reads) > 1:
+        layers.append(_concat(res, sum(widths[j] for j in reads)))
+    return layers
+
+
 def cell_layers(spec: ArchSpec, i: int) -> list[Layer]:
     """The layers of cell ``i`` of ``spec`` (see the module docstring for the table keys)."""
     c = spec.cells[i]
     widths, sizes, in_widths = spec.feature_widths(), spec.feature_sizes(), spec.cell_input_widths()
     act = spec.activation
     res, res_out, cin = sizes[i], sizes[i + 1], in_widths[i]
+    se = [_se(res_out, c.out, c.se)] if c.se else []
     if c.op == "dwsep":
         return [
             _depthwise(c.kernel, c.stride, res, cin, act),
             _conv(1, 1, res_out, cin, c.out, act),
+            *se,
         ]
     if c.op == "inverted":
         layers = [
             _conv(1, 1, res, cin, c.mid, act),
             _depthwise(c.kernel, c.stride, res, c.mid, act),
             _conv(1, 1, res_out, c.mid, c.out, False),
+            *se,
         ]
         return [*layers, _add(res_out, c.out, relu=False)] if c.residual else layers
     layers = [
+        *dense_input_layers(spec, i),
         _conv(3, c.stride, res, cin, c.mid, act),
         _conv(3, 1, res_out, c.mid, c.out, False),
+        *se,
     ]
     if c.projection:
         layers.append(_conv(1, c.stride, res, widths[i], c.out, False))
@@ -131,6 +178,88 @@ def _interp2(
     return float(np.interp(cin, cin_grid, rows))
 
 
+def align(channels: int, step: int) -> int:
+    """``channels`` rounded up to a multiple of ``step``: what a kernel that computes whole tiles does."""
+    return -(-channels // step) * step
+
+
+def table_point(t: dict[str, Any], cin: int, cout: int) -> tuple[int, int]:
+    """Where a layer with ``cin -> cout`` channels is read in table ``t``.
+
+    Its channels rounded up to the table's steps (``cin_step``, ``cout_step``; 1 when absent). A count that
+    is itself a grid point (such as the image's channels, measured as they are) is read as it is.
+    """
+    a, b = int(t.get("cin_step", 1)), int(t.get("cout_step", 1))
+    cin_at = cin if cin in t["cin"] else align(cin, a)
+    cout_at = cout if cout in t["cout"] else align(cout, b)
+    return cin_at, cout_at
+
+
+def staircase_rss(channels: Sequence[int], ms: Sequence[float], step: int) -> float:
+    """Residual sum of squares of the least-squares fit ``ms ~ a + b * ceil(channels / step)``.
+
+    The staircase a tiled kernel draws: constant within a tile, one tile's cost more at each boundary. Step 1
+    is the straight line (no tiling).
+    """
+    c = np.asarray(channels, float)
+    y = np.asarray(ms, float)
+    x = np.stack([np.ones_like(c), np.ceil(c / step)], axis=1)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    r = y - x @ coef
+    return float(r @ r)
+
+
+def detect_step(
+    channels: Sequence[int],
+    ms: Sequence[float],
+    candidates: Sequence[int] | None = None,
+    margin: float = 0.25,
+) -> int:
+    """The channel step of a measured staircase: latency against channel count, every other width fixed.
+
+    Each candidate step ``s`` is fitted as ``a + b * ceil(c / s)`` (:func:`staircase_rss`); the step is the
+    best fit, unless the straight line (``s = 1``) is within ``margin`` of it (no evidence of tiling). A
+    step ``s`` needs at least four tiles in the data (``max(channels) >= 4 s``).
+
+    Args:
+        channels: the channel counts measured (e.g. ``1..64``).
+        ms: the latency at each.
+        candidates: the steps to try (default ``1..max(channels) // 4``).
+        margin: how much better than the straight line a staircase must fit (relative residual).
+
+    Returns:
+        The step (1: no tiling seen).
+    """
+    c = [int(v) for v in channels]
+    if len(c) != len(ms) or len(c) < 4:
+        raise ValueError(f"need >= 4 measured channel counts, one latency each; got {len(c)}, {len(ms)}")
+    top = max(c) // 4
+    steps = [s for s in (candidates or range(1, top + 1)) if 1 <= s <= top] or [1]
+    rss = {s: staircase_rss(c, ms, s) for s in sorted({1, *steps})}
+    best = min(rss, key=lambda s: (rss[s], s))
+    scale = float(np.var(np.asarray(ms, float)) * len(c)) or 1.0
+    # the line wins unless the staircase fits it clearly better (relative to the data's own variation)
+    if rss[1] <= (1 + margin) * rss[best] + 1e-12 * scale:
+        return 1
+    return best
+
+
+def step_family(config: dict[str, Any] | Sequence[tuple[str, Any]]) -> str:
+    """Which staircase a table's steps come from (one sweep per family, ``python -m device_bench staircase``).
+
+    ``conv<k>``, ``dw``, ``add``, ``head``, ``se``, ``concat`` or ``pool``.
+    """
+    cfg = dict(config)
+    op = cfg["op"]
+    return f"conv{cfg['k']}" if op == "conv" else op
+
+
+def channel_step(tables: dict[str, dict[str, Any]]) -> int:
+    """The step that aligns every table's axes: the least common multiple of their steps (1 = smoothed)."""
+    steps = [int(t.get(k, 1)) for t in tables.values() for k in ("cin_step", "cout_step")]
+    return math.lcm(*steps) if steps else 1
+
+
 def smooth(table: np.ndarray, sigma: float, work: np.ndarray | None = None) -> np.ndarray:
     """2-D Gaussian smoothing (1-D for one-row/one-column tables); ``sigma`` in grid steps, 0 = off.
 
@@ -167,9 +296,12 @@ class LatencyLUT:
             on a few whole networks timed with the layers, :func:`fit_scale`; 1 = uncalibrated). A network
             runs somewhat slower than its layers alone (its weights and activations do not all stay in
             cache), which the thesis also saw as a scaling factor between prediction and measurement.
-        sigma: the Gaussian smoothing applied to ``raw_ms``.
+        sigma: the Gaussian smoothing applied to ``raw_ms`` (0 for aligned tables).
         device: the timing script's description of the device.
         settings: the timing protocol used.
+        quality: how quiet the device was while the tables were measured (:func:`measurement_quality`):
+            its load average before and after, and the pass-to-pass spread of the entries; each table also
+            keeps its entries' ``spread``. Empty for tables measured before the load guard.
     """
 
     tables: dict[str, dict[str, Any]]
@@ -178,6 +310,17 @@ class LatencyLUT:
     device: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     scale: float = 1.0
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        """The channel step the searches align to (:func:`channel_step`; 1 for smoothed tables)."""
+        return channel_step(self.tables)
+
+    @property
+    def aligned(self) -> bool:
+        """The tables keep the device's channel steps (any ``cin_step``/``cout_step`` recorded)."""
+        return any("cin_step" in t or "cout_step" in t for t in self.tables.values())
 
     def layer_ms(self, layer: Layer) -> float:
         """Latency of one layer, interpolated in its table."""
@@ -187,12 +330,13 @@ class LatencyLUT:
                 f"the look-up table has no entry {layer.key!r}; build it for this architecture "
                 f"(python -m device_bench lut ...); it has {sorted(self.tables)}"
             )
-        if t["cin"][-1] < layer.cin or t["cout"][-1] < layer.cout:
+        cin, cout = table_point(t, layer.cin, layer.cout)
+        if t["cin"][-1] < cin or t["cout"][-1] < cout:
             raise KeyError(
                 f"{layer.key} with {layer.cin} -> {layer.cout} channels is outside the table (up to "
                 f"{t['cin'][-1]} -> {t['cout'][-1]}); rebuild it for the wider network"
             )
-        return _interp2(t["cin"], t["cout"], np.asarray(t["ms"]), layer.cin, layer.cout)
+        return _interp2(t["cin"], t["cout"], np.asarray(t["ms"]), cin, cout)
 
     def layers_ms(self, spec: ArchSpec, exits: Sequence[int] | None = None) -> float:
         """Sum of the table latencies of the layers of ``spec`` (no overhead, no calibration)."""
@@ -215,7 +359,9 @@ class LatencyLUT:
             k: dict(t, ms=smooth(np.asarray(t["raw_ms"]), sigma, work_grid(t)).tolist())
             for k, t in self.tables.items()
         }
-        return LatencyLUT(tables, self.overhead_ms, sigma, self.device, self.settings, self.scale)
+        return LatencyLUT(
+            tables, self.overhead_ms, sigma, self.device, self.settings, self.scale, self.quality
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the tables as JSON."""
@@ -227,17 +373,23 @@ class LatencyLUT:
             "device": self.device,
             "settings": self.settings,
             "scale": self.scale,
+            "quality": self.quality,
             "tables": self.tables,
         }
         path.write_text(json.dumps(data, indent=1))
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> LatencyLUT:
-        """Read tables written by :meth:`save`, checked (:func:`check_lut_data`).
+    def load(cls, path: str | Path, allow_noisy: bool = False) -> LatencyLUT:
+        """Read tables written by :meth:`save`, checked (:func:`check_lut_data`, :func:`check_quiet`).
+
+        Args:
+            path: the JSON file.
+            allow_noisy: read a table measured under load all the same (to inspect it; never to search).
 
         Raises:
             ValueError: naming the file, the table and the bad value.
+            NoisyTableError: the table's own record says the device was busy while it was measured.
         """
         path = Path(path)
         try:
@@ -245,13 +397,101 @@ class LatencyLUT:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"latency table {path} is not JSON ({type(err).__name__}: {err})") from None
         check_lut_data(data, path)
-        return cls(
+        lut = cls(
             data["tables"],
             float(data["overhead_ms"]),
             float(data["sigma"]),
             data.get("device", {}),
             data.get("settings", {}),
             float(data.get("scale", 1.0)),
+            data.get("quality", {}),
+        )
+        if not allow_noisy:
+            check_quiet(lut, path)
+        return lut
+
+
+#: The load guard's limits (:func:`check_quiet`): the median and the 90th percentile of the entries'
+#: pass-to-pass spread, and the device's 1-minute load average beyond the interpreter's own threads.
+MAX_MEDIAN_SPREAD = 0.05
+MAX_P90_SPREAD = 0.20
+MAX_EXTRA_LOAD = 0.75
+
+
+class NoisyTableError(ValueError):
+    """A latency table whose own record says it was measured on a busy device."""
+
+
+def entry_spread(per_pass_ms: Sequence[float]) -> float:
+    """Pass-to-pass spread of one entry: ``(max - min) / min`` of its per-pass medians (0 for one pass).
+
+    The passes time every model in a new shuffled order, so a device that is busy for part of the run moves
+    some passes and not others; a quiet device repeats itself within a few percent.
+    """
+    v = np.asarray(per_pass_ms, float)
+    if len(v) < 2 or v.min() <= 0:
+        return 0.0
+    return float((v.max() - v.min()) / v.min())
+
+
+def measurement_quality(
+    spreads: Sequence[float],
+    load_before: Sequence[float],
+    load_after: Sequence[float],
+    cpus: int,
+    threads: int,
+) -> dict[str, Any]:
+    """The quiet-device record of a table (:attr:`LatencyLUT.quality`)."""
+    s = np.asarray(spreads, float)
+    return {
+        "median_spread": float(np.median(s)) if len(s) else 0.0,
+        "p90_spread": float(np.quantile(s, 0.9)) if len(s) else 0.0,
+        "load_before": [float(x) for x in load_before],
+        "load_after": [float(x) for x in load_after],
+        "cpus": int(cpus),
+        "threads": int(threads),
+    }
+
+
+def quiet_problems(quality: dict[str, Any]) -> list[str]:
+    """What in a table's quality record says the device was busy (empty: quiet, or no record)."""
+    if not quality:
+        return []
+    out = []
+    if quality["median_spread"] > MAX_MEDIAN_SPREAD:
+        out.append(
+            f"its entries moved {100 * quality['median_spread']:.1f}% between passes (median; a quiet device "
+            f"repeats within {100 * MAX_MEDIAN_SPREAD:.0f}%)"
+        )
+    if quality["p90_spread"] > MAX_P90_SPREAD:
+        out.append(
+            f"a tenth of its entries moved more than {100 * quality['p90_spread']:.1f}% between passes "
+            f"(limit {100 * MAX_P90_SPREAD:.0f}%)"
+        )
+    # the device's own load, beyond the interpreter's threads, at the start or the end of the run
+    spare = quality["cpus"] - quality["threads"]
+    for when in ("load_before", "load_after"):
+        load = quality[when][0] if quality.get(when) else 0.0
+        if load > spare + MAX_EXTRA_LOAD:
+            out.append(
+                f"the device's load average was {load:.2f} {when.split('_')[1]} the run "
+                f"({quality['cpus']} CPUs, {quality['threads']} timing thread(s))"
+            )
+    return out
+
+
+def check_quiet(lut: LatencyLUT, path: str | Path = "latency table") -> None:
+    """Refuse a table whose measurement record says it was taken on a busy device.
+
+    Raises:
+        NoisyTableError: naming each sign of load and how to measure again.
+    """
+    problems = quiet_problems(lut.quality)
+    if problems:
+        raise NoisyTableError(
+            f"latency table {path} was measured under load: {'; '.join(problems)}. Its milliseconds would "
+            "steer a search wrong: measure it again on a quiet device (nothing else running), or pass "
+            "allow_noisy to read it anyway"
         )
 
 
@@ -280,6 +520,10 @@ def check_lut_data(data: Any, path: str | Path) -> None:
     for key in ("tables", "overhead_ms", "sigma"):
         if key not in data:
             raise ValueError(f"{where} has no {key!r} (is it a device_bench lut file?)")
+    quality = data.get("quality", {})
+    need = {"median_spread", "p90_spread", "load_before", "load_after", "cpus", "threads"}
+    if not isinstance(quality, dict) or (quality and not need <= set(quality)):
+        raise ValueError(f"{where}: quality must be empty or hold {sorted(need)}; got {quality!r:.200}")
     for key, low, strict in (("overhead_ms", 0.0, False), ("sigma", 0.0, False), ("scale", 0.0, True)):
         value = data.get(key, 1.0)
         if not _number(value) or value < low or (strict and value == low):
@@ -306,9 +550,13 @@ def check_lut_data(data: Any, path: str | Path) -> None:
                     f"{where}: table {key!r} {grid} must be a strictly increasing list of positive "
                     f"integers{' (or [0])' if grid == 'cout' else ''}; got {values!r}"
                 )
+        for name in ("cin_step", "cout_step"):
+            step = t.get(name, 1)
+            if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+                raise ValueError(f"{where}: table {key!r} {name} must be a positive integer; got {step!r}")
         rows, cols = len(t["cin"]), len(t["cout"])
-        for name in ("ms", "raw_ms"):
-            if name not in t and name == "raw_ms":
+        for name in ("ms", "raw_ms", "spread"):
+            if name not in t and name != "ms":
                 continue
             ms = t.get(name)
             if (
@@ -338,12 +586,14 @@ def fit_scale(lut: LatencyLUT, specs: Sequence[ArchSpec], measured_ms: Sequence[
     return float(p @ m / (p @ p))
 
 
-def channel_latency(lut: LatencyLUT, net: Any) -> dict[str, float]:
+def channel_latency(lut: LatencyLUT, net: Any, step: int = 1) -> dict[str, float]:
     """Predicted latency one channel of each channel group of ``net`` costs (for ``FisherPruning``).
 
     ``net`` must be collected (no dead channels): the difference between the predicted latency of its
-    architecture and that with one channel fewer in the group. Never below a microsecond fraction, so a
-    ratio ``Delta loss / Delta latency`` stays finite where the table is flat.
+    architecture and that with ``step`` channels fewer in the group (down to one step: the aligned size
+    below), per channel. With aligned tables one channel alone saves nothing until a whole tile goes, so the
+    searches that move in steps price a step. Never below a microsecond fraction, so a ratio
+    ``Delta loss / Delta latency`` stays finite where the table is flat.
     """
     base = lut.predict(net.spec)
     out = {}
@@ -351,5 +601,8 @@ def channel_latency(lut: LatencyLUT, net: Any) -> dict[str, float]:
         if g.size <= 1:
             out[g.name] = math.inf  # never pruned (a group keeps one channel); no finite cost needed
             continue
-        out[g.name] = max(base - lut.predict(net.resized_spec(g.name, g.size - 1)), 1e-6)
+        # the next aligned size below (an unaligned group first drops to its own multiple of the step)
+        smaller = max(1, (g.size - 1) // step * step) if step > 1 else g.size - 1
+        saved = base - lut.predict(net.resized_spec(g.name, smaller))
+        out[g.name] = max(saved / (g.size - smaller), 1e-6)
     return out
