@@ -17,7 +17,7 @@ CONFIG ?= quickstart.yaml
 EXPORT_VENV ?= .venv-export
 EXPORT_STAMP := $(EXPORT_VENV)/.lit_nas-export-installed
 
-.PHONY: setup export-env pi data train test lint bench reports docs gpu-check clean
+.PHONY: setup export-env pi pi64 data train test lint bench reports docs gpu-check clean
 
 setup: $(STAMP) $(EXPORT_STAMP)
 
@@ -28,9 +28,13 @@ $(EXPORT_STAMP): device_bench/requirements-export.txt
 	$(EXPORT_VENV)/bin/python -m pip install -q -r device_bench/requirements-export.txt
 	@touch $(EXPORT_STAMP)
 
-# The emulated armv7l Raspberry-Pi-like device (root + binfmt_misc; see device_bench/emulator/build_pi.sh).
+# The emulated Raspberry-Pi-like devices (root + binfmt_misc; see device_bench/emulator/build_pi.sh): armv7l with
+# tflite-runtime (32-bit Pi OS), aarch64 with LiteRT (today's 64-bit Pi OS).
 pi:
 	bash device_bench/emulator/build_pi.sh
+
+pi64:
+	bash device_bench/emulator/build_pi.sh --arch aarch64
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,4 +93,5 @@ bench: setup data
 
 clean:
 	-bash device_bench/emulator/build_pi.sh --stop 2>/dev/null
+	-bash device_bench/emulator/build_pi.sh --stop --arch aarch64 2>/dev/null
 	rm -rf $(VENV) $(EXPORT_VENV) runs site .pytest_cache

@@ -29,6 +29,7 @@ from callbacks.artifacts import log_picture
 from callbacks.distributed import all_reduce_sum, check_strategy, is_ddp
 from callbacks.luts import check_covers, lut_for
 from callbacks.searches import GROUP_SCOPES, refuse_trainable_gates, refuse_two_searches, scoped_groups
+from lit_nas.align import check_round_to, resolve_round_to
 from lit_nas.cost import CostReport, channel_flops, count_costs
 from lit_nas.fisher import FisherAccumulator, select_channels
 from lit_nas.gates import attach_gates, close_channels, gated_groups
@@ -74,6 +75,9 @@ class FisherPruning(Callback):
         start_epoch: first epoch (0-based) whose steps accumulate the signal (a pretraining phase before).
         lut: latency look-up tables (JSON of :class:`lit_nas.latency.LatencyLUT`) for the ``latency``
             cost or target; they must cover the network's layers.
+        round_to: channel alignment (:mod:`lit_nas.align`): each event removes whole units, a group's
+            lowest-scored channels down to its next multiple of ``round_to`` (never below one step), priced
+            per step; every pruned group ends aligned. ``None``: the table's step (1 without a table).
     """
 
     changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
@@ -89,8 +93,10 @@ class FisherPruning(Callback):
         scope: Literal["all", "inner"] = "all",
         start_epoch: int = 0,
         lut: str | None = None,
+        round_to: int | None = None,
     ) -> None:
         super().__init__()
+        check_round_to(_WHO, round_to)
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"FisherPruning every_n_steps must be an integer >= 1; got {every_n_steps!r}")
         if not isinstance(per_step, int) or per_step < 1:
@@ -101,6 +107,7 @@ class FisherPruning(Callback):
             "cost: latency" if cost == "latency" else "stop_at: latency" if stop_at == "latency" else None
         )
         self.lut = lut_for(_WHO, priced, lut)
+        self.round_to = resolve_round_to(round_to, self.lut)
         check_target(_WHO, target_fraction, target_value)
         check_choice(_WHO, "scope", scope, GROUP_SCOPES)
         if not isinstance(start_epoch, int) or start_epoch < 0:
@@ -207,8 +214,8 @@ class FisherPruning(Callback):
         if self.cost == "flops":
             costs = dict(channel_flops(module.net))
         elif self.cost == "latency" and self.lut is not None:
-            costs = channel_latency(self.lut, self._collected(module))
-        chosen = select_channels(scores, live, self.per_step, costs)
+            costs = channel_latency(self.lut, self._collected(module), self.round_to)
+        chosen = select_channels(scores, live, self.per_step, costs, self.round_to)
         if is_ddp(trainer):  # equal sums on every rank; rank 0's choice makes ties agree bit for bit
             chosen = trainer.strategy.broadcast(chosen, src=0)
         close_channels(module.net, chosen)

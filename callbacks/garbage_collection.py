@@ -9,6 +9,7 @@ Example (YAML)::
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from typing_extensions import override
 
 from callbacks.artifacts import log_picture, write_found
 from callbacks.distributed import check_strategy, rewrap_ddp
+from lit_nas.align import align_up, check_round_to
 from lit_nas.gates import gated_groups
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, nas, require_nas_module
@@ -56,10 +58,14 @@ class GarbageCollection(Callback):
         epochs: 0-based epochs at whose end to collect; ``None`` collects at the end of every epoch.
         after_prune: also collect at the end of every training step that left a gate at 0 (right after
             each prune event, so the following steps already run on the smaller network).
+        round_to: channel alignment (:mod:`lit_nas.align`): a group keeps enough of its gated-off (silent)
+            channels for its width to be a multiple of ``round_to``, so ShrinkNets' kills and MorphNet's
+            dead channels end aligned and the collection stays exact. 1: remove every dead channel.
     """
 
-    def __init__(self, epochs: list[int] | None = None, after_prune: bool = False) -> None:
+    def __init__(self, epochs: list[int] | None = None, after_prune: bool = False, round_to: int = 1) -> None:
         super().__init__()
+        check_round_to("GarbageCollection", round_to)
         if epochs is not None and (
             not epochs
             or any(not isinstance(e, int) or e < 0 for e in epochs)
@@ -70,6 +76,7 @@ class GarbageCollection(Callback):
             )
         self.epochs = epochs
         self.after_prune = after_prune
+        self.round_to = round_to or 1
         #: ``(epoch, channels removed, parameters after)`` of every collection
         self.history: list[tuple[int, int, int]] = []
         self.found_paths: tuple[Path, Path | None] | None = None
@@ -86,7 +93,7 @@ class GarbageCollection(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.after_prune and any(bool((g == 0).any()) for g in gated_groups(pl_module.net).values()):
+        if self.after_prune and _collectable(gated_groups(pl_module.net).values(), self.round_to):
             self._collect(trainer, pl_module, on_step=True)
 
     @override
@@ -98,7 +105,7 @@ class GarbageCollection(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool, log_metrics: bool = True
     ) -> None:
         module = nas(pl_module)
-        removed = collect(module, trainer.optimizers)
+        removed = collect(module, trainer.optimizers, self.round_to)
         if not removed:
             # the normal case while no gate has closed yet: say it at debug level only
             log.debug("GarbageCollection at epoch %d: no dead channel to remove", trainer.current_epoch)
@@ -148,9 +155,18 @@ class GarbageCollection(Callback):
         self.history = [(int(e), int(n), int(p)) for e, n, p in state_dict["history"]]
 
 
-def collect(module: NASModule, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+def _collectable(gates: Iterable[torch.Tensor], round_to: int) -> bool:
+    """A collection would remove a channel: a group has more gated-off channels than its tile keeps."""
+    for g in gates:
+        live = int((g != 0).sum())
+        if live < g.numel() and min(g.numel(), align_up(max(live, 1), round_to)) < g.numel():
+            return True
+    return False
+
+
+def collect(module: NASModule, optimizers: list[torch.optim.Optimizer], round_to: int = 1) -> dict[str, int]:
     """Remove the gated-off channels of every gated group; returns the channels removed per group."""
-    removed = collect_gated(module.net, optimizers)
+    removed = collect_gated(module.net, optimizers, round_to)
     if removed:
         module.set_arch_spec(module.net.spec)
     return removed

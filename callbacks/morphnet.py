@@ -30,6 +30,7 @@ from callbacks.artifacts import log_picture
 from callbacks.distributed import check_strategy, is_ddp, rewrap_ddp
 from callbacks.luts import check_covers, lut_for
 from callbacks.searches import refuse_trainable_gates, refuse_two_searches
+from lit_nas.align import check_round_to, resolve_round_to
 from lit_nas.cost import channel_flops, spec_cost
 from lit_nas.gates import attach_gates, close_channels, gated_groups
 from lit_nas.latency import channel_latency
@@ -75,6 +76,10 @@ class MorphNet(Callback):
         budget_fraction: the expand step's budget as a fraction of the start cost.
         budget_value: or in the cost's unit (MFLOPs or ms).
         lut: latency look-up tables (JSON of :class:`lit_nas.latency.LatencyLUT`) for ``cost: latency``.
+        round_to: channel alignment (:mod:`lit_nas.align`): the expand step widens every group to a
+            multiple of ``round_to``, and its collection keeps silent channels to fill the last tile (put
+            ``round_to`` on GarbageCollection too, for the collections between). ``None``: the table's step
+            (1 without a table).
     """
 
     changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
@@ -90,8 +95,10 @@ class MorphNet(Callback):
         budget_fraction: float | None = None,
         budget_value: float | None = None,
         lut: str | None = None,
+        round_to: int | None = None,
     ) -> None:
         super().__init__()
+        check_round_to(_WHO, round_to)
         if not strength > 0:
             raise ValueError(f"{_WHO} strength must be > 0; got {strength}")
         check_choice(_WHO, "cost", cost, COSTS)
@@ -124,6 +131,7 @@ class MorphNet(Callback):
             if v is not None and v <= 0:
                 raise ValueError(f"{_WHO} {name} must be > 0; got {v}")
         self.lut = lut_for(_WHO, "cost: latency" if cost == "latency" else None, lut)
+        self.round_to = resolve_round_to(round_to, self.lut)
         self.strength, self.cost, self.threshold = float(strength), cost, float(threshold)
         self.start_epoch, self.until_epoch, self.expand_epochs = start_epoch, until_epoch, expand_epochs
         self.budget_fraction, self.budget_value = budget_fraction, budget_value
@@ -219,12 +227,12 @@ class MorphNet(Callback):
         return {g: (c / total if c != float("inf") else 0.0) for g, c in per.items()}
 
     def _expand(self, trainer: L.Trainer, module: NASModule) -> None:
-        collect_gated(module.net, trainer.optimizers)
+        collect_gated(module.net, trainer.optimizers, self.round_to)
         module.set_arch_spec(module.net.spec)
         budget = self.budget_value if self.budget_value is not None else self.initial * self.budget_fraction
         # priced by look-up tables measured for the start network: no group grows past its start width
         caps = self.start_sizes if self.lut is not None else None
-        spec, factor = expand(module.net, self._priced, budget, caps)
+        spec, factor = expand(module.net, self._priced, budget, caps, round_to=self.round_to)
         spec.gated = {}
         module.set_arch_spec(spec, rebuild=True)
         attach_gates(module.net, [g.name for g in module.channel_groups()])

@@ -27,6 +27,7 @@ from callbacks.artifacts import log_picture, write_found
 from callbacks.distributed import check_strategy, is_ddp, rewrap_ddp
 from callbacks.luts import check_covers, lut_for
 from callbacks.searches import refuse_two_searches
+from lit_nas.align import check_round_to, resolve_round_to
 from lit_nas.cost import MEASURES, spec_cost
 from lit_nas.netadapt import CRITERIA, iterate
 from lit_nas.plots import live_heatmap
@@ -78,6 +79,9 @@ class NetAdapt(Callback):
             own weights, without the removed channels.
         lut: latency look-up tables (JSON of :class:`lit_nas.latency.LatencyLUT`) for ``stop_at: latency``.
         seed: seed of the search's own randomness.
+        round_to: channel alignment (:mod:`lit_nas.align`): each proposal removes the fewest channels that
+            meet the step *in multiples*, leaving its group a multiple of ``round_to`` (one step at least).
+            ``None``: the table's step (1 without a table).
     """
 
     changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
@@ -100,8 +104,10 @@ class NetAdapt(Callback):
         adopt_finetuned: bool = True,
         lut: str | None = None,
         seed: int = 0,
+        round_to: int | None = None,
     ) -> None:
         super().__init__()
+        check_round_to(_WHO, round_to)
         check_choice(_WHO, "stop_at", stop_at, MEASURES)
         check_choice(_WHO, "criterion", criterion, CRITERIA)
         check_target(_WHO, target_fraction, target_value)
@@ -127,6 +133,7 @@ class NetAdapt(Callback):
         if not 0 < group_fraction <= 1:
             raise ValueError(f"{_WHO} group_fraction must lie in (0, 1]; got {group_fraction}")
         self.lut = lut_for(_WHO, "stop_at: latency" if stop_at == "latency" else None, lut)
+        self.round_to = resolve_round_to(round_to, self.lut)
         self.stop_at, self.target_fraction, self.target_value = stop_at, target_fraction, target_value
         self.step_fraction, self.step_value, self.decay = step_fraction, step_value, decay
         self.start_epoch, self.iterations_per_epoch = start_epoch, iterations_per_epoch
@@ -235,6 +242,7 @@ class NetAdapt(Callback):
             adopt_finetuned=self.adopt_finetuned,
             seed=self.seed * 1_000_003 + self.iteration,
             agree=agree,
+            round_to=self.round_to,
         )
         if done is None:
             self._finish(module, f"no group can cut {self.step:.4g} any more; target not reached")

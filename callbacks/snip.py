@@ -28,6 +28,7 @@ from callbacks.artifacts import log_picture, write_found
 from callbacks.distributed import check_strategy, rewrap_ddp
 from callbacks.luts import check_covers, lut_for
 from callbacks.searches import refuse_two_searches
+from lit_nas.align import align_removal, check_round_to, resolve_round_to
 from lit_nas.latency import LatencyLUT
 from lit_nas.masks import connectivity_map, kept_count
 from lit_nas.nets.base import ExitLogits
@@ -129,6 +130,9 @@ class SnipPruning(Callback):
         lut: latency look-up tables (JSON of :class:`lit_nas.latency.LatencyLUT`) for ``stop_at: latency``.
         remove_dead_edges: at ``weight`` granularity, remove the edges whose weights are all pruned (exact:
             the network computes the same function, faster).
+        round_to: ``filter`` granularity: channel alignment (:mod:`lit_nas.align`): each group a step
+            touches keeps a multiple of ``round_to`` channels (its kept count rounded up, which costs no
+            latency on a device that computes whole tiles). ``None``: the table's step (1 without a table).
     """
 
     changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
@@ -151,8 +155,14 @@ class SnipPruning(Callback):
         stop_at: Literal["count", "latency"] = "count",
         lut: str | None = None,
         remove_dead_edges: bool = True,
+        round_to: int | None = None,
     ) -> None:
         super().__init__()
+        check_round_to(_WHO, round_to)
+        if round_to not in (None, 1) and granularity != "filter":
+            raise ValueError(
+                f"{_WHO} round_to aligns channel counts: it needs granularity 'filter'; got {granularity!r}"
+            )
         self.keep_ratio = keep_ratios(keep_ratio)
         check_choice(_WHO, "mode", mode, MODES)
         check_choice(_WHO, "granularity", granularity, GRANULARITIES)
@@ -167,6 +177,7 @@ class SnipPruning(Callback):
                 "do not make the exported network faster"
             )
         self.lut = lut_for(_WHO, "stop_at: latency" if stop_at == "latency" else None, lut)
+        self.round_to = resolve_round_to(round_to, self.lut) if granularity == "filter" else 1
         self.granularity = granularity
         self.stop_at = stop_at
         self.remove_dead_edges = remove_dead_edges
@@ -364,6 +375,7 @@ class SnipPruning(Callback):
         net = module.net
         units = kind.units(net, scores, blocks, prefix="net.")
         removed: list = []
+        rest: dict[str, list[int]] = {}  # each group's channels not removed, lowest ranked first
         rows = []
         for b in blocks:
             ranked = rank_units(units[b], {u: kind.owner(u) for u in units[b]})
@@ -375,7 +387,12 @@ class SnipPruning(Callback):
             else:
                 n = min(len(ranked), max(0, len(units[b]) - round(target * first[0])))
             removed += ranked[:n]
+            for g, k in ranked[n:] if self.round_to > 1 else []:
+                rest.setdefault(g, []).append(k)
             rows.append((epoch, b, step + 1, target, len(units[b]) - n, first[0]))
+        if self.round_to > 1:  # every group touched keeps a multiple of the step
+            sizes = {g.name: g.size for g in net.channel_groups()}
+            removed = align_removal(removed, sizes, self.round_to, rest)
         removed = trainer.strategy.broadcast(removed, src=0)  # rank 0's choice on every rank
         if removed:
             module.set_arch_spec(kind.remove(net, removed, trainer.optimizers))

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import lit_nas  # noqa: F401  (first: makes torchvision importable next to a CPU torch)
-from device_bench.runners import RUNNERS, BenchSettings, make_runner
+from device_bench.runners import INTERPRETERS, RUNNERS, BenchSettings, make_runner
 from lit_nas.arch import ArchSpec, DataShape
 from lit_nas.nets.recipe import NetConfig
 from lit_nas.paths import resolve_config
@@ -76,13 +76,24 @@ def _add_runner(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-s", type=float, default=1.0)
     p.add_argument("--sleep-s", type=float, default=None, help="default: 10 over ssh, 0 locally")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--interpreter",
+        default="tflite_runtime",
+        choices=INTERPRETERS,
+        help="the device's runtime: tflite_runtime (<= Python 3.11) or ai_edge_litert (LiteRT)",
+    )
 
 
 def _runner(args: argparse.Namespace):
     kwargs = {"python": args.remote_python} if args.runner == "ssh" else {}
     runner = make_runner(args.runner, host=args.host, ssh_config=args.ssh_config, **kwargs)
     settings = BenchSettings(
-        runs=args.runs, passes=args.passes, warmup_s=args.warmup_s, sleep_s=args.sleep_s, threads=args.threads
+        runs=args.runs,
+        passes=args.passes,
+        warmup_s=args.warmup_s,
+        sleep_s=args.sleep_s,
+        threads=args.threads,
+        interpreter=args.interpreter,
     )
     return runner, settings
 

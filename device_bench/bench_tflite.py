@@ -42,7 +42,12 @@ def load_interpreter_class(which: str):
     if which == "ai_edge_litert":
         from ai_edge_litert.interpreter import Interpreter
 
-        return Interpreter, "ai_edge_litert"
+        try:  # a table belongs to one runtime build: say which
+            from importlib.metadata import version
+
+            return Interpreter, "ai_edge_litert " + version("ai-edge-litert")
+        except Exception:  # unpacked without its metadata
+            return Interpreter, "ai_edge_litert (version unknown)"
     if which == "tensorflow":
         import tensorflow as tf
 

@@ -13,7 +13,7 @@ Gaussian to remove the measurement spikes the thesis saw.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,17 +58,18 @@ DEFAULT_CHANNELS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 #: An aligned axis measures every multiple of its step up to this many tiles, then the grid's points.
-DENSE_TILES = 16
+DENSE_TILES = 8
 
 
 def grid(maximum: int, channels: Sequence[int], step: int = 0) -> list[int]:
     """Grid points of one table axis.
 
-    ``step`` 0 (smoothed tables): the default points below ``maximum``, then ``maximum`` itself. ``step``
-    >= 1 (aligned tables): multiples of the step only: every one up to ``DENSE_TILES`` tiles (the staircase
-    itself), then the default points rounded up to the step, and ``maximum`` rounded up.
+    ``step`` 0 (smoothed tables) or 1 (no tiling seen): the default points below ``maximum``, then
+    ``maximum`` itself. ``step`` > 1 (aligned tables): multiples of the step only: every one up to
+    ``DENSE_TILES`` tiles (the staircase itself), then the default points rounded up to the step, and
+    ``maximum`` rounded up.
     """
-    if step < 1:
+    if step <= 1:  # no tiles (a straight line): the grid's points, interpolated linearly
         return sorted({c for c in channels if c < maximum} | {maximum})
     top = align(maximum, step)
     tiles = top // step
@@ -227,9 +228,12 @@ def lut_from_report(
     ms = {t.key: np.zeros((len(t.cin), len(t.cout))) for t in tables.values()}
     spread = {t.key: np.zeros((len(t.cin), len(t.cout))) for t in tables.values()}
     models = result.report["models"]
+    passes = []
     for name, (key, i, j) in where.items():
         ms[key][i, j] = result.latency_ms(name, statistic)
-        spread[key][i, j] = entry_spread(models[name].get("per_pass_median_ms", []))
+        per_pass = models[name].get("per_pass_median_ms") or [ms[key][i, j]]
+        spread[key][i, j] = entry_spread(per_pass)
+        passes.append(per_pass)
     report = result.report
     device = {k: report.get(k) for k in ("machine", "system", "python", "interpreter")}
     setting = {k: report.get(k) for k in ("runs", "passes", "warmup_s", "sleep_s", "threads")}
@@ -237,7 +241,7 @@ def lut_from_report(
     overhead = result.latency_ms("overhead", statistic)
     load = report.get("load", {})
     quality = measurement_quality(
-        [v for a in spread.values() for v in a.ravel()],
+        np.array(passes),
         load.get("before", []),
         load.get("after", []),
         load.get("cpus", 1),
@@ -276,20 +280,75 @@ def measure_lut(
         steps: the device's channel steps per family (:func:`device_bench.staircase.steps_of`): aligned
             tables, never smoothed; ``None``: smoothed tables over ``channels``.
     """
+    luts, _ = measure_luts(
+        specs, out_dir, runner, settings, {"lut": steps}, channels, sigma, calibration, statistic, python
+    )
+    return luts["lut"]
+
+
+def measure_luts(
+    specs: Sequence[ArchSpec],
+    out_dir: str | Path,
+    runner: Any,
+    settings: Any,
+    kinds: Mapping[str, Steps | None],
+    channels: Sequence[int] = DEFAULT_CHANNELS,
+    sigma: float = 1.0,
+    calibration: int = 5,
+    statistic: str = "median",
+    python: str | None = None,
+    networks: Sequence[ArchSpec] = (),
+) -> tuple[dict[str, LatencyLUT], Any]:
+    """:func:`measure_lut` for several kinds of tables at once, and whole networks, in one shuffled run.
+
+    A layer that two kinds both need is converted and timed once. The whole networks (``calibration``
+    pruned variants of ``specs[0]`` first, then ``networks``) are the report's ``variant<i>``.
+
+    Args:
+        specs: architectures the tables must cover (and every narrower version of them).
+        out_dir: where the models go.
+        runner: the device's runner.
+        settings: its timing protocol.
+        kinds: ``{name: steps}``: aligned tables for a staircase's steps, smoothed ones for ``None``.
+        channels: the tables' channel grid (rounded to the steps in aligned tables).
+        sigma: the smoothed tables' Gaussian, in grid steps.
+        calibration: pruned variants of ``specs[0]`` timed whole, to fit each kind's scale (0: none).
+        statistic: ``median`` or ``mean`` of each model's timed runs.
+        python: Python of the TensorFlow environment.
+        networks: more whole networks to time in the same run (to compare predictions with).
+
+    Returns:
+        The tables of each kind (their scales fitted on the calibration variants) and the timing report.
+    """
     from device_bench.export import load_manifest, run_tf_side
 
-    tables, where, layers = _layer_bundle(specs, Path(out_dir) / "layers", channels, steps)
+    plans = {kind: plan_tables(specs, channels, steps) for kind, steps in kinds.items()}
+    layers: dict[str, dict[str, Any]] = {"overhead": {"op": "add", "res": 1, "cin": 1, "cout": 1}}
+    where: dict[str, dict[str, tuple[str, int, int]]] = {kind: {} for kind in kinds}
+    names: dict[str, str] = {}  # a layer's configuration -> its model
+    for kind, tables in plans.items():
+        for t in tables.values():
+            for i, cin in enumerate(t.cin):
+                for j, cout in enumerate(t.cout):
+                    cfg = layer_config(t.config, cin, cout)
+                    name = names.setdefault(json.dumps(cfg, sort_keys=True), f"m{len(names)}")
+                    layers[name] = cfg
+                    where[kind][name] = (t.key, i, j)
+    root = Path(out_dir) / "layers"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "plan.json").write_text(json.dumps({"layers": layers}))
     calib_specs = pruned_variants(specs[0], calibration, seed=1000) if calibration else []
-    calib = _variant_bundles(calib_specs, Path(out_dir) / "calibration")
-    run_tf_side([layers, *calib], python)  # one TensorFlow start-up for the layers and the calibration nets
-    paths = [m.path for m in load_manifest(layers).models]
-    calib_paths = _variant_paths(calib)
-    result = runner.run(paths + calib_paths, settings)  # one shuffled run: the same conditions for both
-    lut = lut_from_report(tables, where, result, sigma, statistic)
-    if calib_specs:
-        measured = [result.latency_ms(f"variant{i:03d}", statistic) for i in range(len(calib_specs))]
-        lut.scale = fit_scale(lut, calib_specs, measured)
-    return lut
+    bundles = _variant_bundles([*calib_specs, *networks], Path(out_dir) / "networks")
+    run_tf_side([root, *bundles], python)  # one TensorFlow start-up for the layers and the networks
+    paths = [m.path for m in load_manifest(root).models]
+    result = runner.run(paths + _variant_paths(bundles), settings)  # the same conditions for all
+    luts = {}
+    for kind, tables in plans.items():
+        luts[kind] = lut_from_report(tables, where[kind], result, sigma, statistic)
+        if calib_specs:
+            measured = [result.latency_ms(f"variant{i:03d}", statistic) for i in range(len(calib_specs))]
+            luts[kind].scale = fit_scale(luts[kind], calib_specs, measured)
+    return luts, result
 
 
 def pruned_variants(spec: ArchSpec, n: int, seed: int = 0, low: float = 0.25) -> list[ArchSpec]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_nas.align import align_down
 from lit_nas.gates import gated_groups, producer_norms
 
 
@@ -189,6 +190,7 @@ def select_channels(
     live: Mapping[str, Tensor],
     count: int,
     costs: Mapping[str, float] | None = None,
+    step: int = 1,
 ) -> list[tuple[str, int]]:
     """The ``count`` live channels to prune: lowest score, or lowest ``score / cost`` with ``costs``.
 
@@ -200,7 +202,13 @@ def select_channels(
         live: boolean mask of the channels still live (gate != 0), by group.
         count: channels to choose.
         costs: what removing one channel of each group saves (e.g. :func:`lit_nas.cost.channel_flops`).
+        step: channel alignment (:mod:`lit_nas.align`): with ``step > 1`` a group loses whole units, the
+            lowest-scored live channels down to its next multiple of the step (never below one step), and
+            units are ranked by their mean score (over the cost); at least ``count`` channels go while
+            units remain.
     """
+    if step > 1:
+        return _select_units(scores, live, count, costs, step)
     candidates: list[tuple[float, int, int, str]] = []
     for order, (group, score) in enumerate(scores.items()):
         alive = live[group].to(score.device)
@@ -217,4 +225,41 @@ def select_channels(
         if left[group] > 1:  # the last live channel of a layer stays
             chosen.append((group, k))
             left[group] -= 1
+    return chosen
+
+
+def _select_units(
+    scores: Mapping[str, Tensor],
+    live: Mapping[str, Tensor],
+    count: int,
+    costs: Mapping[str, float] | None,
+    step: int,
+) -> list[tuple[str, int]]:
+    """:func:`select_channels` in whole units of ``step`` (see there)."""
+    order: dict[str, list[int]] = {}  # each group's live channels, lowest score first
+    value: dict[str, Tensor] = {}
+    for group, score in scores.items():
+        alive = live[group].to(score.device)
+        if alive.shape != score.shape:
+            raise ValueError(f"group {group!r}: {alive.numel()} live flags for {score.numel()} scores")
+        value[group] = score / costs[group] if costs is not None else score
+        idx = alive.nonzero().flatten()
+        order[group] = [int(idx[i]) for i in torch.argsort(value[group][idx], stable=True)]
+    chosen: list[tuple[str, int]] = []
+    while len(chosen) < count:
+        best: tuple[float, int, str, list[int]] | None = None
+        for rank, (group, channels) in enumerate(order.items()):
+            n = len(channels)
+            k = n - align_down(n - 1, step) if n > step else 0  # down to the next multiple below
+            if k <= 0:
+                continue
+            unit = channels[:k]
+            mean = float(value[group][unit].mean())
+            if best is None or (mean, rank) < best[:2]:
+                best = (mean, rank, group, unit)
+        if best is None:
+            break
+        _, _, group, unit = best
+        chosen += [(group, k) for k in unit]
+        order[group] = order[group][len(unit) :]
     return chosen

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lit_nas.align import align_down
 from lit_nas.arch import ArchSpec
 from lit_nas.gates import gated_groups
 from lit_nas.nets.base import MultiExitNet
@@ -74,11 +75,15 @@ def dead_channels(net: MultiExitNet, groups: Iterable[str], threshold: float) ->
 
 
 def scaled_sizes(
-    sizes: Mapping[str, int], factor: float, caps: Mapping[str, int] | None = None
+    sizes: Mapping[str, int], factor: float, caps: Mapping[str, int] | None = None, round_to: int = 1
 ) -> dict[str, int]:
-    """Every group's width times ``factor``, rounded down, at least 1 (and at most its cap, if any)."""
-    out = {g: max(1, int(n * factor + 1e-9)) for g, n in sizes.items()}
-    return {g: min(n, caps[g]) if caps and g in caps else n for g, n in out.items()}
+    """Every group's width times ``factor``, rounded down, at least 1 (and at most its cap, if any).
+
+    With ``round_to`` > 1, rounded down to a multiple of it (:func:`lit_nas.align.align_down`: a width
+    narrower than one step stays as it is), caps included.
+    """
+    out = {g: align_down(max(1, int(n * factor + 1e-9)), round_to) for g, n in sizes.items()}
+    return {g: min(n, align_down(caps[g], round_to)) if caps and g in caps else n for g, n in out.items()}
 
 
 def expand(
@@ -87,17 +92,19 @@ def expand(
     budget: float,
     caps: Mapping[str, int] | None = None,
     iterations: int = 40,
+    round_to: int = 1,
 ) -> tuple[ArchSpec, float]:
     """The expand step: the largest uniform width factor whose network still fits ``budget``.
 
     Every channel group's width is multiplied by one factor (rounded down, at least 1, at most its entry in
     ``caps``); the factor is found by bisection, so the result fits the budget and one more channel in every
-    group below its cap would not. Returns the widened ArchSpec and the factor.
+    group below its cap would not. With ``round_to`` every width is a multiple of it (one step of every
+    group more would not fit). Returns the widened ArchSpec and the factor.
     """
     sizes = {g.name: g.size for g in net.channel_groups()}
 
     def cost(factor: float) -> float:
-        return cost_fn(net.resized_spec_all(scaled_sizes(sizes, factor, caps)))
+        return cost_fn(net.resized_spec_all(scaled_sizes(sizes, factor, caps, round_to)))
 
     lo, hi = 1.0, 2.0
     if cost(lo) > budget:
@@ -107,7 +114,7 @@ def expand(
         while cost(hi) <= budget:
             lo, hi = hi, hi * 2
             if hi > 1024:  # every group at its cap (or the budget is out of reach): the widest allowed
-                return net.resized_spec_all(scaled_sizes(sizes, lo, caps)), lo
+                return net.resized_spec_all(scaled_sizes(sizes, lo, caps, round_to)), lo
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if cost(mid) <= budget:
@@ -116,4 +123,4 @@ def expand(
             hi = mid
     if cost(lo) > budget:
         raise ValueError(f"even one channel per group costs more than the budget {budget}")
-    return net.resized_spec_all(scaled_sizes(sizes, lo, caps)), lo
+    return net.resized_spec_all(scaled_sizes(sizes, lo, caps, round_to)), lo

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_nas.align import smaller_sizes
 from lit_nas.arch import ArchSpec
 from lit_nas.fisher import FisherAccumulator
 from lit_nas.gates import attach_gates
@@ -55,33 +56,42 @@ class Proposal:
 
 
 def channels_to_cut(
-    net: MultiExitNet, group: str, cost_fn: CostFn, current: float, step: float, allow_small: bool = False
+    net: MultiExitNet,
+    group: str,
+    cost_fn: CostFn,
+    current: float,
+    step: float,
+    allow_small: bool = False,
+    round_to: int = 1,
 ) -> Proposal | None:
     """The fewest channels of ``group`` whose removal brings the cost to ``current - step`` or below.
 
     Bisection over the number removed (the cost falls as channels go); the answer is checked against
-    ``cost_fn`` itself, so it always meets the step. If even leaving one channel does not, the group is
-    skipped (``None``), or with ``allow_small`` (the thesis's *allow small prunings*, section 4.6.2) proposes
-    removing all but one channel, for whatever it saves.
+    ``cost_fn`` itself, so it always meets the step. If even the narrowest allowed width does not, the group
+    is skipped (``None``), or with ``allow_small`` (the thesis's *allow small prunings*, section 4.6.2)
+    proposes that narrowest width, for whatever it saves. With ``round_to`` > 1 the group only takes widths
+    that are multiples of it (:func:`lit_nas.align.smaller_sizes`), down to one step.
     """
     size = {g.name: g.size for g in net.channel_groups()}[group]
-    if size <= 1:
+    removals = [size - k for k in smaller_sizes(size, round_to)]  # increasing
+    if not removals:
         return None
     target = current - step
 
     def cost_after(n: int) -> float:
         return cost_fn(net.resized_spec(group, size - n))
 
-    most = cost_after(size - 1)
+    most = cost_after(removals[-1])
     if most > target:
         if not allow_small or most >= current:
             return None
-        return Proposal(group, size - 1, most, current - most, False)
-    # the fewest channels removed in 1..size-1 that meet the target (cost_after(size - 1) does)
-    hi = 1 + bisect.bisect_left(range(1, size - 1), True, key=lambda k: cost_after(k) <= target)
+        return Proposal(group, removals[-1], most, current - most, False)
+    # the fewest channels removed that meet the target (removing the most does)
+    i = bisect.bisect_left(range(len(removals) - 1), True, key=lambda j: cost_after(removals[j]) <= target)
+    hi = removals[i]
     cost = cost_after(hi)
     if cost > target:  # a non-monotone table: fall back to the sure answer
-        hi, cost = size - 1, most
+        hi, cost = removals[-1], most
     return Proposal(group, hi, cost, current - cost, True)
 
 
@@ -225,6 +235,7 @@ def iterate(
     adopt_finetuned: bool = True,
     seed: int = 0,
     agree: Agree | None = None,
+    round_to: int = 1,
 ) -> Iteration | None:
     """One NetAdapt iteration (Algorithm 4): candidates, short-term fine-tuning, the pick, surgery on ``net``.
 
@@ -249,6 +260,7 @@ def iterate(
         group_fraction: the share of groups tried (at least one).
         allow_small_prunings: let a group that cannot cut ``step`` propose all it can.
         adopt_finetuned: copy the winner's fine-tuned weights into ``net``.
+        round_to: every proposal leaves its group a multiple of ``round_to`` channels (one step at least).
         seed: seeds the group sample and the fine-tuning (the caller's random state is left alone).
         agree: maps the local choice ``(index, kept channels)`` to the one every process applies (DDP).
 
@@ -268,7 +280,7 @@ def iterate(
     with torch.random.fork_rng(devices=cuda):  # dropout in fine-tuning leaves the run's RNG alone
         torch.manual_seed(seed)
         for group in groups:
-            prop = channels_to_cut(net, group, cost_of, cost, step, allow_small_prunings)
+            prop = channels_to_cut(net, group, cost_of, cost, step, allow_small_prunings, round_to)
             if prop is None:
                 continue
             cand = prune_copy(net, group, prop.remove, scores[group])

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from lit_nas.align import align_up
 from lit_nas.arch import ArchSpec
 from lit_nas.cost import CostReport, count_costs
 from lit_nas.gates import fold_gates, gated_groups
@@ -223,11 +224,16 @@ def dead_edges(net: MultiExitNet, masks: dict[str, Tensor], prefix: str = "") ->
     return out
 
 
-def collect_gated(net: MultiExitNet, optimizers: Iterable[torch.optim.Optimizer] = ()) -> dict[str, int]:
+def collect_gated(
+    net: MultiExitNet, optimizers: Iterable[torch.optim.Optimizer] = (), round_to: int = 1
+) -> dict[str, int]:
     """Remove every channel whose gate is exactly 0 (neural garbage collection); the count per group.
 
     A group whose gate is all zero keeps one (still gated-off, so still silent) channel: no layer is left
-    with 0 channels. ``net.spec`` is updated; a module records it with ``set_arch_spec``.
+    with 0 channels. With ``round_to`` > 1 each group keeps enough silent channels (the first gated-off
+    ones) for its width to be a multiple of ``round_to`` (:mod:`lit_nas.align`): the device computes the
+    whole tile anyway, and silent channels change nothing, so the collection stays exact. ``net.spec`` is
+    updated; a module records it with ``set_arch_spec``.
     """
     optimizers = list(optimizers)
     removed = {}
@@ -236,6 +242,12 @@ def collect_gated(net: MultiExitNet, optimizers: Iterable[torch.optim.Optimizer]
         if bool(live.all()):
             continue
         keep = live.nonzero().flatten()
+        want = min(gate.numel(), align_up(keep.numel(), round_to)) if round_to > 1 else keep.numel()
+        if want > keep.numel():  # silent channels fill the last tile
+            silent = (~live).nonzero().flatten()[: want - keep.numel()]
+            keep = torch.sort(torch.cat([keep, silent])).values
+        if keep.numel() == gate.numel():
+            continue
         if keep.numel() == 0:
             keep = torch.zeros(1, dtype=torch.long)  # one silent channel stays
             if gate.numel() == 1:

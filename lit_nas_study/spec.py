@@ -28,6 +28,7 @@ Example::
         grid: {model.init_args.net.cells_per_stage: [[1, 1, 1], [2, 2, 2]]}
       wrn:
         width_multipliers: [0.5, 0.75, 1.0]  # every width of the base net scaled (stem included)
+        round_to: 8                          # ... to the nearest multiple of 8 (the device's channel step)
     resources: {cpus: 1, gpus: 0}            # per trial (threads on the local engine; Ray's request)
 """
 
@@ -73,7 +74,7 @@ _SPEC_KEYS = (
     "baselines",
     "resources",
 )
-_FAMILY_KEYS = ("without", "overrides", "grid", "width_multipliers")
+_FAMILY_KEYS = ("without", "overrides", "grid", "width_multipliers", "round_to")
 SEARCH = "search"
 FOUND = "found"
 #: the grid key that replaces the base config of a point
@@ -177,6 +178,7 @@ class Family:
     overrides: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     width_multipliers: list[float] = field(default_factory=list)
+    round_to: int = 1
 
 
 @dataclass
@@ -325,7 +327,7 @@ class StudySpec:
             for point in _product(family.grid):
                 # the whole net first, so a grid key of the family (cells_per_stage, ...) still applies
                 net = self.net_config(family.overrides)
-                over = scaled_widths(net, width) if width is not None else {}
+                over = scaled_widths(net, width, family.round_to) if width is not None else {}
                 over.update(point)
                 label = dict(point)
                 if width is not None:
@@ -416,13 +418,13 @@ def resolve_config(name: str) -> Path:
         raise StudySpecError(str(err)) from None
 
 
-def scaled_widths(net: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
+def scaled_widths(net: Mapping[str, Any], multiplier: float, round_to: int = 1) -> dict[str, Any]:
     """The override (the whole ``model.init_args.net``) that scales every width of ``net`` by ``multiplier``.
 
-    The recipe itself comes from :func:`lit_nas.nets.recipe.scale_widths`.
+    The recipe itself comes from :func:`lit_nas.nets.recipe.scale_widths` (widths rounded to ``round_to``).
     """
     try:
-        return {NET: scale_widths(net, multiplier)}
+        return {NET: scale_widths(net, multiplier, round_to)}
     except ValueError as err:
         raise StudySpecError(str(err)) from None
 
@@ -490,10 +492,20 @@ def _family(name: str, data: Any, path: Path) -> Family:
     grid, linked = _grid(data.get("grid"), f"baseline {name!r} grid", path)
     if linked:
         raise StudySpecError(f"study spec {path}: baseline {name!r} grid takes lists of values only")
+    round_to = data.get("round_to", 1)
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise StudySpecError(
+            f"study spec {path}: baseline {name!r} round_to must be a positive integer; got {round_to!r}"
+        )
+    if round_to > 1 and not widths:
+        raise StudySpecError(
+            f"study spec {path}: baseline {name!r} round_to rounds width_multipliers; give them"
+        )
     return Family(
         name=name,
         without=tuple(str(k) for k in without),
         overrides=dict(data.get("overrides") or {}),
         grid=grid,
         width_multipliers=[float(w) for w in widths],
+        round_to=round_to,
     )

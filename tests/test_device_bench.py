@@ -437,11 +437,10 @@ def test_device_bench_refuses_a_model_without_the_protocol(tmp_path):
 
 
 # -- the emulated Raspberry Pi ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def emulated_pi():
-    """Build (or reuse) the armv7l device of device_bench/emulator/build_pi.sh; skip with its reason."""
+def _emulated(arch: str) -> str:
+    """Build (or reuse) a device of device_bench/emulator/build_pi.sh; skip with its reason."""
     proc = subprocess.run(
-        ["bash", str(REPO / "device_bench/emulator/build_pi.sh")],  # its cache dir, shared by clones
+        ["bash", str(REPO / "device_bench/emulator/build_pi.sh"), "--arch", arch],  # its cache, shared
         capture_output=True,
         text=True,
         timeout=1500,
@@ -450,6 +449,18 @@ def emulated_pi():
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def emulated_pi():
+    """The armv7l device: 32-bit Pi OS (bookworm), tflite-runtime 2.14."""
+    return _emulated("armv7l")
+
+
+@pytest.fixture(scope="module")
+def emulated_pi64():
+    """The aarch64 device: 64-bit Pi OS of today (Debian 13, Python 3.13), LiteRT."""
+    return _emulated("aarch64")
 
 
 def test_ssh_runner_on_the_emulated_armv7l_device(tiny_models, emulated_pi):
@@ -468,6 +479,29 @@ def test_ssh_runner_on_the_emulated_armv7l_device(tiny_models, emulated_pi):
             if name.endswith("fp32"):
                 np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"{name}:{out}")
             else:  # the same integer kernels: the same quantized outputs, up to one step
+                np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
+
+
+def test_ssh_runner_on_the_emulated_aarch64_device_with_litert(tiny_models, emulated_pi64):
+    _, result, x = tiny_models
+    models = [result.by_name()[n].path for n in ("exit0_fp32", "full_int8")]
+    runner = SSHRunner("lit-nas-pi64", ssh_config=emulated_pi64, timeout_s=900)
+    assert runner.probe("ai_edge_litert") == "aarch64"
+    settings = BenchSettings(runs=20, passes=2, warmup_s=0.1, sleep_s=0.0, interpreter="ai_edge_litert")
+    rep = runner.run(models, settings, inputs=nhwc(x))
+    host = LocalRunner().run(models, BenchSettings(passes=0), inputs=nhwc(x))
+    assert rep.report["machine"] == "aarch64"
+    assert rep.report["interpreter"].startswith("ai_edge_litert 2.")
+    assert rep.report["python"].startswith("3.13")
+    assert rep.report["load"]["cpus"] >= 1 and len(rep.report["load"]["before"]) == 3
+    for name, stats in rep.report["models"].items():
+        assert stats["total_runs"] == 40 and len(stats["per_pass_median_ms"]) == 2, name
+    for name, outputs in host.outputs.items():
+        for out, ref in outputs.items():
+            got = rep.outputs[name][out]
+            if name.endswith("fp32"):
+                np.testing.assert_allclose(got, ref, atol=1e-4, err_msg=f"{name}:{out}")
+            else:
                 np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
 
 

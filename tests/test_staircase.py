@@ -85,7 +85,8 @@ def test_sweeps_cover_both_axes_and_the_steps_combine_per_family():
 # -- aligned tables ---------------------------------------------------------------------------------------
 def test_aligned_grids_are_multiples_of_the_step():
     assert grid(20, (4, 8, 12, 16, 24, 32), 8) == [8, 16, 24]
-    assert grid(200, (4, 8, 16, 64, 128, 256), 8) == [8 * i for i in range(1, 17)] + [200]
+    assert grid(200, (4, 8, 16, 64, 128, 256), 8) == [8 * i for i in range(1, 9)] + [128, 200]
+    assert grid(12, (4, 8, 16), 1) == [4, 8, 12]  # no tiles: the grid itself
     assert grid(12, (4, 8, 16), 0) == [4, 8, 12]  # smoothed tables: as before
     assert align(9, 8) == 16 and align(16, 8) == 16 and align(1, 8) == 8
 
@@ -208,12 +209,14 @@ def test_squeeze_excitation_is_a_layer_of_its_own():
 
 
 # -- the load guard --------------------------------------------------------------------------------------
-def fake_report(tables, where, noise: float, load: float = 0.1, seed: int = 0):
+def fake_report(tables, where, noise: float, busy_pass: float = 0.0, load: float = 0.1, seed: int = 0):
+    """A timing report: entries ``0.05 ms * (1 + noise * |N(0, 1)|)`` per pass, the second pass slowed by
+    ``busy_pass`` (the device busy during part of the run), the load averages ``load``."""
     rng = np.random.default_rng(seed)
     models = {"overhead": {"median_ms": 0.001, "mean_ms": 0.001, "per_pass_median_ms": [0.001] * 3}}
     for name in where:
-        base = 0.05
-        passes = [base * (1 + noise * abs(rng.standard_normal())) for _ in range(3)]
+        passes = [0.05 * (1 + noise * abs(rng.standard_normal())) for _ in range(3)]
+        passes[1] *= 1 + busy_pass
         models[name] = {"median_ms": float(np.median(passes)), "mean_ms": float(np.mean(passes))}
         models[name]["per_pass_median_ms"] = passes
     rep = {"models": models, "threads": 1, "runs": 50, "passes": 3}
@@ -226,19 +229,22 @@ def test_the_load_guard_refuses_a_table_measured_with_injected_noise(tmp_path):
 
     spec = NetConfig(**TINY).build_spec(SHAPE)
     tables, where, _ = _layer_bundle([spec], tmp_path / "b", (4, 8, 16), {"conv3": (1, 8)})
-    quiet = lut_from_report(tables, where, fake_report(tables, where, noise=0.005))
-    assert quiet.quality["median_spread"] < 0.05
+    quiet = lut_from_report(tables, where, fake_report(tables, where, noise=0.02))
+    assert quiet.quality["pass_spread"] < 0.05 and quiet.quality["weighted_spread"] < 0.25
     LatencyLUT.load(quiet.save(tmp_path / "quiet.json"))  # accepted
-    noisy = lut_from_report(tables, where, fake_report(tables, where, noise=0.3))
+    noisy = lut_from_report(tables, where, fake_report(tables, where, noise=0.02, busy_pass=0.3))
     path = noisy.save(tmp_path / "noisy.json")
-    with pytest.raises(NoisyTableError, match="measured under load: its entries moved"):
+    with pytest.raises(NoisyTableError, match="measured under load: the sum of its entries moved"):
         LatencyLUT.load(path)
     assert LatencyLUT.load(path, allow_noisy=True).quality == noisy.quality  # to inspect it
-    busy = lut_from_report(tables, where, fake_report(tables, where, noise=0.005, load=2.5))
+    jitter = lut_from_report(tables, where, fake_report(tables, where, noise=0.6))
+    with pytest.raises(NoisyTableError, match="weighted by latency"):
+        LatencyLUT.load(jitter.save(tmp_path / "jitter.json"))
+    busy = lut_from_report(tables, where, fake_report(tables, where, noise=0.02, load=2.5))
     with pytest.raises(NoisyTableError, match=r"load average was 2\.50 before"):
         LatencyLUT.load(busy.save(tmp_path / "busy.json"))
     data = json.loads(path.read_text())
-    data["quality"] = {"median_spread": 0.0}
+    data["quality"] = {"pass_spread": 0.0}
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="quality must be empty or hold"):
         LatencyLUT.load(tmp_path / "bad.json")

@@ -183,10 +183,12 @@ class NetConfig:
         return cells
 
 
-def scale_widths(net: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
+def scale_widths(net: Mapping[str, Any], multiplier: float, round_to: int = 1) -> dict[str, Any]:
     """The recipe ``net`` (a ``model.init_args.net`` mapping) with every width scaled by ``multiplier``.
 
-    Every width, the stem's included, is rounded and at least 1. A WRN-d-k recipe is written out
+    Every width, the stem's included, is rounded and at least 1; with ``round_to`` > 1 rounded to the
+    nearest multiple of it instead (a width under one step stays as it rounds: :mod:`lit_nas.align`), so
+    a width baseline sits on the device's channel steps. A WRN-d-k recipe is written out
     (``resnet_sdn`` with the WRN's stages: the same network), since its widths come from ``widen_factor``;
     so is a mobile family's ``blocks``/``width`` layout (the same kind, with its stages). Other keys are kept.
 
@@ -204,7 +206,14 @@ def scale_widths(net: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
         out.update(kind="resnet_sdn", depth=None, widen_factor=None, cells_per_stage=resolved.cells_per_stage)
     elif net.get("width") is not None:
         out.update(blocks=None, width=None, cells_per_stage=resolved.cells_per_stage)
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer; got {round_to!r}")
+
+    def width(w: int) -> int:
+        scaled = max(1, round(w * multiplier))
+        return scaled if scaled < round_to else max(round_to, round(w * multiplier / round_to) * round_to)
+
     stem = resolved.stem_width or resolved.stage_widths[0]
-    out["stage_widths"] = [max(1, round(w * multiplier)) for w in resolved.stage_widths]
-    out["stem_width"] = max(1, round(stem * multiplier))
+    out["stage_widths"] = [width(w) for w in resolved.stage_widths]
+    out["stem_width"] = width(stem)
     return out
