@@ -30,7 +30,7 @@ from callbacks.distributed import all_reduce_sum, check_strategy, is_ddp
 from callbacks.luts import check_covers, lut_for
 from callbacks.searches import GROUP_SCOPES, refuse_trainable_gates, refuse_two_searches, scoped_groups
 from lit_nas.align import check_round_to, resolve_round_to
-from lit_nas.cost import CostReport, channel_flops, count_costs
+from lit_nas.cost import CostReport, channel_flops, count_costs, spec_cost
 from lit_nas.fisher import FisherAccumulator, select_channels
 from lit_nas.gates import attach_gates, close_channels, gated_groups
 from lit_nas.latency import channel_latency
@@ -77,7 +77,9 @@ class FisherPruning(Callback):
             cost or target; they must cover the network's layers.
         round_to: channel alignment (:mod:`lit_nas.align`): each event removes whole units, a group's
             lowest-scored channels down to its next multiple of ``round_to`` (never below one step), priced
-            per step; every pruned group ends aligned. ``None``: the table's step (1 without a table).
+            per step; every pruned group ends aligned. The event that reaches a ``params``/``flops``/
+            ``latency`` target takes the one unit that lands closest below it.
+            ``None``: the table's step (1 without a table).
     """
 
     changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
@@ -216,6 +218,7 @@ class FisherPruning(Callback):
         elif self.cost == "latency" and self.lut is not None:
             costs = channel_latency(self.lut, self._collected(module), self.round_to)
         chosen = select_channels(scores, live, self.per_step, costs, self.round_to)
+        chosen = self._landing(module, scores, live, costs, chosen)
         if is_ddp(trainer):  # equal sums on every rank; rank 0's choice makes ties agree bit for bit
             chosen = trainer.strategy.broadcast(chosen, src=0)
         close_channels(module.net, chosen)
@@ -265,6 +268,46 @@ class FisherPruning(Callback):
             return self.lut.predict(probe.spec)
         report = count_costs(probe)
         return float(report.total_params) if self.stop_at == "params" else _mflops(module, report)
+
+    def _landing(
+        self,
+        module: NASModule,
+        scores: dict[str, Any],
+        live: dict[str, Any],
+        costs: dict[str, float] | None,
+        chosen: list[tuple[str, int]],
+    ) -> list[tuple[str, int]]:
+        """The event that reaches the target, in whole units: the one unit that lands closest below it.
+
+        A unit of ``round_to`` channels of a wide, high-resolution group can cut far past the target, so
+        when ``chosen`` would reach it, every group's next unit (its lowest-scored channels) is priced alone
+        and the one whose network stays closest below the target is taken; Fisher's ranking decides every
+        event before. ``chosen`` as it is without units, a target, or a unit that reaches it.
+        """
+        if self.round_to <= 1 or self.target is None or self.stop_at == "channels" or not chosen:
+            return chosen
+        probe = self._collected(module)
+        sizes = {g.name: g.size for g in probe.channel_groups()}
+
+        def value(cut: dict[str, int]) -> float:
+            spec = probe.resized_spec_all({g: sizes[g] - n for g, n in cut.items()})
+            return self.lut.predict(spec) if self.lut is not None else spec_cost(spec, self.stop_at)
+
+        cut: dict[str, int] = {}
+        for g, _ in chosen:
+            cut[g] = cut.get(g, 0) + 1
+        if value(cut) > self.target:
+            return chosen
+        best: tuple[float, list[tuple[str, int]]] | None = None
+        for group in scores:
+            price = {group: costs[group]} if costs is not None else None
+            unit = select_channels({group: scores[group]}, {group: live[group]}, 1, price, self.round_to)
+            if not unit:
+                continue
+            v = value({group: len(unit)})
+            if v <= self.target and (best is None or v > best[0]):
+                best = (v, unit)
+        return best[1] if best is not None else chosen
 
     def _fmt(self, value: float) -> str:
         if self.stop_at == "latency":

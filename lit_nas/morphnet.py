@@ -98,8 +98,9 @@ def expand(
 
     Every channel group's width is multiplied by one factor (rounded down, at least 1, at most its entry in
     ``caps``); the factor is found by bisection, so the result fits the budget and one more channel in every
-    group below its cap would not. With ``round_to`` every width is a multiple of it (one step of every
-    group more would not fit). Returns the widened ArchSpec and the factor.
+    group below its cap would not. With ``round_to`` every width is a multiple of it, and single groups then
+    take one more step at a time while the network fits (no one group can take another). Returns the
+    widened ArchSpec and the uniform factor.
     """
     sizes = {g.name: g.size for g in net.channel_groups()}
 
@@ -123,4 +124,35 @@ def expand(
             hi = mid
     if cost(lo) > budget:
         raise ValueError(f"even one channel per group costs more than the budget {budget}")
-    return net.resized_spec_all(scaled_sizes(sizes, lo, caps, round_to)), lo
+    widths = scaled_sizes(sizes, lo, caps, round_to)
+    if round_to > 1:
+        widths = _fill_steps(net, widths, cost_fn, budget, caps, round_to)
+    return net.resized_spec_all(widths), lo
+
+
+def _fill_steps(
+    net: MultiExitNet,
+    widths: Mapping[str, int],
+    cost_fn: Callable[[ArchSpec], float],
+    budget: float,
+    caps: Mapping[str, int] | None,
+    step: int,
+) -> dict[str, int]:
+    """One more step to one group at a time while the network fits; afterwards no single group can take one.
+
+    Aligned widths move in whole steps, so one uniform factor can stop well short of the budget (the next
+    factor widens many groups at once). The narrowest groups (relative to their start) go first.
+    """
+    widths = dict(widths)
+    start = {g.name: g.size for g in net.channel_groups()}
+    grown = True
+    while grown:
+        grown = False
+        for g in sorted(widths, key=lambda g: (widths[g] / start[g], g)):
+            wider = align_down(widths[g], step) + step
+            if caps and g in caps and wider > align_down(caps[g], step):
+                continue
+            trial = {**widths, g: wider}
+            if cost_fn(net.resized_spec_all(trial)) <= budget:
+                widths, grown = trial, True
+    return widths

@@ -120,8 +120,11 @@ def test_netadapt_proposals_and_morphnet_expansion_are_aligned(family):
                 fewer = net.resized_spec(name, sizes_of(net)[name] - prop.remove + STEP)
                 assert cost(fewer) > start - 0.02 * start
     widened, _ = expand(net, cost, 1.7 * start, round_to=STEP)
-    assert_aligned(sizes_of(build_net(widened)))
+    wide = sizes_of(build_net(widened))
+    assert_aligned(wide)
     assert cost(widened) <= 1.7 * start
+    for name, n in wide.items():  # no single group can take one more step
+        assert cost(build_net(widened).resized_spec(name, align_down(n, STEP) + STEP)) > 1.7 * start
     assert scaled_sizes({"a": 16, "b": 5}, 1.3, round_to=STEP) == {"a": 16, "b": 6}
 
 
@@ -205,3 +208,32 @@ def test_snip_filters_with_round_to_end_aligned_on_mobilenet_v2(tmp_path):
     assert_aligned(sizes_of(m.net))
     with pytest.raises(ValueError, match="round_to aligns channel counts: it needs granularity 'filter'"):
         SnipPruning(keep_ratio=0.5, round_to=8)
+
+
+def test_fisher_lands_the_event_that_reaches_the_target_on_the_closest_unit():
+    torch.manual_seed(0)
+    m = MultiExitModule(net=FAMILIES["wrn"], data_shape=SHAPE)
+    fisher = FisherPruning(stop_at="flops", target_fraction=0.9, round_to=STEP)
+    attach_gates(m.net, fisher.groups(m))
+    sizes = sizes_of(m.net)
+    fisher.target = 0.97 * spec_cost(m.arch_spec, "flops")
+    g = torch.Generator().manual_seed(1)
+    scores = {name: torch.rand(n, generator=g) for name, n in sizes.items()}
+    live = {name: torch.ones(n, dtype=torch.bool) for name, n in sizes.items()}
+
+    def value(cut):
+        return spec_cost(m.net.resized_spec_all({k: sizes[k] - cut.get(k, 0) for k in sizes}), "flops")
+
+    def alone(name):
+        unit = select_channels({name: scores[name]}, {name: live[name]}, 1, step=STEP)
+        return value({name: len(unit)}) if unit else None
+
+    chosen = select_channels(scores, live, 40, step=STEP)  # many units: far past the target
+    landed = fisher._landing(m, scores, live, None, chosen)
+    (group,) = {k for k, _ in landed}  # one unit of one group
+    v = value({group: len(landed)})
+    assert value({k: sum(1 for c, _ in chosen if c == k) for k in sizes}) < v <= fisher.target
+    assert all(a is None or a > fisher.target or a <= v for a in map(alone, sizes))  # the closest below
+    few = select_channels(scores, live, 1, step=STEP)
+    fisher.target = 0.5 * spec_cost(m.arch_spec, "flops")  # an event that does not reach it: unchanged
+    assert fisher._landing(m, scores, live, None, few) == few
