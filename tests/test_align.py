@@ -129,6 +129,20 @@ def test_netadapt_proposals_and_morphnet_expansion_are_aligned(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_snip_filter_removals_round_every_touched_group(family):
+    sizes = sizes_of(build_net(FAMILIES[family].build_spec(SHAPE)))
+    g = torch.Generator().manual_seed(2)
+    for frac in (0.2, 0.5, 0.8):
+        ranked = {n: torch.randperm(k, generator=g).tolist() for n, k in sizes.items()}
+        removed = [(n, c) for n, order in ranked.items() for c in order[: int(frac * len(order))]]
+        rest = {n: order[int(frac * len(order)) :] for n, order in ranked.items()}
+        kept = align_removal(removed, sizes, STEP, rest)
+        after = {n: k - sum(1 for m, _ in kept if m == n) for n, k in sizes.items()}
+        assert_aligned(after)
+        assert all(a >= 1 for a in after.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gc_keeps_silent_channels_to_fill_the_tile_and_stays_exact(family):
     torch.manual_seed(0)
     net = build_net(FAMILIES[family].build_spec(SHAPE)).eval()

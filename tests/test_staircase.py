@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from device_bench.export import find_export_python
 from device_bench.lut import TableSpec, from_measurements, grid, lut_from_report, plan_tables
 from device_bench.runners import BenchReport
 from device_bench.staircase import (
@@ -256,3 +257,42 @@ def test_spec_sweeps_name_one_config_per_family():
     assert set(fams) >= {"conv3", "conv1", "dw", "head"}
     assert steps_of({"steps": {"conv3": [1, 8]}}) == {"conv3": (1, 8)}
     assert isinstance(Sweep("x", fams["conv1"], "cin", 8, [1, 2]).model(2), dict)
+
+
+# -- the commands, end to end on this machine -------------------------------------------------------------
+@pytest.mark.skipif(find_export_python() is None, reason="no TensorFlow environment (make export-env)")
+def test_the_staircase_and_lut_commands_measure_detect_and_align(tmp_path, capsys):
+    from device_bench.__main__ import main
+
+    spec = NetConfig(stage_widths=[4, 8], cells_per_stage=[1, 1], exit_depths=[1.0]).build_spec(SHAPE)
+    arch = tmp_path / "arch.yaml"
+    spec.save(arch)
+    timing = ["--runs", "3", "--passes", "2", "--warmup-s", "0"]
+    record = tmp_path / "staircase.json"
+    args = ["staircase", "--arch", str(arch), "--max-channels", "8", "--fixed", "4", "--out", str(record)]
+    assert main([*args, "--plot", str(tmp_path / "s.png"), *timing]) == 0
+    printed = capsys.readouterr().out
+    assert "steps (cin x cout) per family" in printed and (tmp_path / "s.png").stat().st_size > 0
+    data = json.loads(record.read_text())
+    assert set(data["steps"]) == {"conv3", "conv1", "add", "head"}  # this net's families only
+    assert all(len(s["ms"]) == len(s["channels"]) == 8 and s["step"] >= 1 for s in data["sweeps"])
+    assert data["load"]["cpus"] >= 1 and data["device"]["machine"]
+    out = tmp_path / "lut.json"
+    lut_args = [
+        "lut",
+        "--arch",
+        str(arch),
+        "--staircase",
+        str(record),
+        "--calibration",
+        "0",
+        "--out",
+        str(out),
+    ]
+    assert main([*lut_args, *timing]) == 0
+    lut = LatencyLUT.load(out, allow_noisy=True)  # a 3-run functional table: its spread is not the point
+    assert lut.aligned and lut.sigma == 0 and lut.quality["cpus"] >= 1
+    for key, t in lut.tables.items():
+        fam = data["steps"][key.split("_")[0] if not key.startswith("head") else "head"]
+        assert (t["cin_step"], t["cout_step"]) == (fam[0], fam[1] if t["cout"] != [0] else 1)
+    assert lut.predict(spec) > lut.overhead_ms
