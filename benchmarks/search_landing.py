@@ -70,8 +70,7 @@ def main() -> None:
         meas = latency[(f"run{i}", "fp32")] / base_ms
         print(
             f"{Path(run).name:<40} {'yes' if not bad else 'NO':>7} {pred:>9.3f} {meas:>8.3f} "
-            f"{100 * (meas - args.target) / args.target:>+8.1f}%"
-            + (f"  unaligned: {bad}" if bad else "")
+            f"{100 * (meas - args.target) / args.target:>+8.1f}%" + (f"  unaligned: {bad}" if bad else "")
         )
 
 
