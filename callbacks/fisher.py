@@ -212,13 +212,16 @@ class FisherPruning(Callback):
         gates = gated_groups(module.net)
         scores = self._acc.scores()
         live = {g: gates[g].detach() != 0 for g in scores}
+        landing = self.round_to > 1 and self.target is not None and self.stop_at != "channels"
+        before = self._collected(module) if landing or self.cost == "latency" else None
         costs: dict[str, float] | None = None
         if self.cost == "flops":
             costs = dict(channel_flops(module.net))
         elif self.cost == "latency" and self.lut is not None:
-            costs = channel_latency(self.lut, self._collected(module), self.round_to)
+            costs = channel_latency(self.lut, before, self.round_to)
         chosen = select_channels(scores, live, self.per_step, costs, self.round_to)
-        chosen = self._landing(module, scores, live, costs, chosen)
+        if landing:
+            chosen = self._landing(before, scores, live, costs, chosen)
         if is_ddp(trainer):  # equal sums on every rank; rank 0's choice makes ties agree bit for bit
             chosen = trainer.strategy.broadcast(chosen, src=0)
         close_channels(module.net, chosen)
@@ -271,7 +274,7 @@ class FisherPruning(Callback):
 
     def _landing(
         self,
-        module: NASModule,
+        probe: Any,
         scores: dict[str, Any],
         live: dict[str, Any],
         costs: dict[str, float] | None,
@@ -282,16 +285,15 @@ class FisherPruning(Callback):
         A unit of ``round_to`` channels of a wide, high-resolution group can cut far past the target, so
         when ``chosen`` would reach it, every group's next unit (its lowest-scored channels) is priced alone
         and the one whose network stays closest below the target is taken; Fisher's ranking decides every
-        event before. ``chosen`` as it is without units, a target, or a unit that reaches it.
+        event before. ``probe``: the network now, collected. ``chosen`` as it is when no unit reaches it.
         """
-        if self.round_to <= 1 or self.target is None or self.stop_at == "channels" or not chosen:
+        if not chosen or self.target is None:
             return chosen
-        probe = self._collected(module)
         sizes = {g.name: g.size for g in probe.channel_groups()}
 
         def value(cut: dict[str, int]) -> float:
             spec = probe.resized_spec_all({g: sizes[g] - n for g, n in cut.items()})
-            return self.lut.predict(spec) if self.lut is not None else spec_cost(spec, self.stop_at)
+            return self.lut.predict(spec) if self.stop_at == "latency" else spec_cost(spec, self.stop_at)
 
         cut: dict[str, int] = {}
         for g, _ in chosen:

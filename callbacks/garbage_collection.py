@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from callbacks.artifacts import log_picture, write_found
 from callbacks.distributed import check_strategy, rewrap_ddp
-from lit_nas.align import align_up, check_round_to
+from lit_nas.align import check_round_to, collected_width
 from lit_nas.gates import gated_groups
 from lit_nas.plots import channel_chart
 from lit_nas.protocol import NASModule, nas, require_nas_module
@@ -157,11 +157,7 @@ class GarbageCollection(Callback):
 
 def _collectable(gates: Iterable[torch.Tensor], round_to: int) -> bool:
     """A collection would remove a channel: a group has more gated-off channels than its tile keeps."""
-    for g in gates:
-        live = int((g != 0).sum())
-        if live < g.numel() and min(g.numel(), align_up(max(live, 1), round_to)) < g.numel():
-            return True
-    return False
+    return any(collected_width(int((g != 0).sum()), g.numel(), round_to) < g.numel() for g in gates)
 
 
 def collect(module: NASModule, optimizers: list[torch.optim.Optimizer], round_to: int = 1) -> dict[str, int]:

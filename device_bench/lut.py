@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from lit_nas.align import align_up
 from lit_nas.arch import ArchSpec
 from lit_nas.latency import (
     LatencyLUT,
     Layer,
-    align,
     channel_latency,
     entry_spread,
     fit_scale,
@@ -71,10 +71,10 @@ def grid(maximum: int, channels: Sequence[int], step: int = 0) -> list[int]:
     """
     if step <= 1:  # no tiles (a straight line): the grid's points, interpolated linearly
         return sorted({c for c in channels if c < maximum} | {maximum})
-    top = align(maximum, step)
+    top = align_up(maximum, step)
     tiles = top // step
     dense = {step * i for i in range(1, min(tiles, DENSE_TILES) + 1)}
-    return sorted(dense | {align(c, step) for c in channels if c < maximum} | {top})
+    return sorted(dense | {align_up(c, step) for c in channels if c < maximum} | {top})
 
 
 @dataclass
@@ -199,18 +199,32 @@ def _layer_bundle(
 ) -> tuple[dict[str, TableSpec], dict[str, tuple[str, int, int]], Path]:
     """The bundle of :func:`layer_models`, not yet converted: its tables, model places and directory."""
     tables = plan_tables(specs, channels, steps)
-    layers: dict[str, dict[str, Any]] = {"overhead": {"op": "add", "res": 1, "cin": 1, "cout": 1}}
-    where: dict[str, tuple[str, int, int]] = {}
-    for t_i, t in enumerate(tables.values()):
-        for i, cin in enumerate(t.cin):
-            for j, cout in enumerate(t.cout):
-                name = f"t{t_i}_{i}_{j}"
-                layers[name] = layer_config(t.config, cin, cout)
-                where[name] = (t.key, i, j)
     root = Path(out_dir)
+    return tables, _write_layers({"lut": tables}, root)["lut"], root
+
+
+def _write_layers(
+    plans: Mapping[str, dict[str, TableSpec]], root: Path
+) -> dict[str, dict[str, tuple[str, int, int]]]:
+    """Write the one-layer model plan of every table of ``plans`` (``{kind: tables}``) into ``root``.
+
+    A layer two kinds both need is one model. Returns, per kind, where each model's measurement goes
+    (``{model: (table, cin index, cout index)}``); ``overhead`` is a trivial model (one invocation's cost).
+    """
+    layers: dict[str, dict[str, Any]] = {"overhead": {"op": "add", "res": 1, "cin": 1, "cout": 1}}
+    where: dict[str, dict[str, tuple[str, int, int]]] = {kind: {} for kind in plans}
+    names: dict[str, str] = {}  # a layer's configuration -> its model
+    for kind, tables in plans.items():
+        for t in tables.values():
+            for i, cin in enumerate(t.cin):
+                for j, cout in enumerate(t.cout):
+                    cfg = layer_config(t.config, cin, cout)
+                    name = names.setdefault(json.dumps(cfg, sort_keys=True), f"m{len(names)}")
+                    layers[name] = cfg
+                    where[kind][name] = (t.key, i, j)
     root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps({"layers": layers}))
-    return tables, where, root
+    return where
 
 
 def lut_from_report(
@@ -323,20 +337,8 @@ def measure_luts(
     from device_bench.export import load_manifest, run_tf_side
 
     plans = {kind: plan_tables(specs, channels, steps) for kind, steps in kinds.items()}
-    layers: dict[str, dict[str, Any]] = {"overhead": {"op": "add", "res": 1, "cin": 1, "cout": 1}}
-    where: dict[str, dict[str, tuple[str, int, int]]] = {kind: {} for kind in kinds}
-    names: dict[str, str] = {}  # a layer's configuration -> its model
-    for kind, tables in plans.items():
-        for t in tables.values():
-            for i, cin in enumerate(t.cin):
-                for j, cout in enumerate(t.cout):
-                    cfg = layer_config(t.config, cin, cout)
-                    name = names.setdefault(json.dumps(cfg, sort_keys=True), f"m{len(names)}")
-                    layers[name] = cfg
-                    where[kind][name] = (t.key, i, j)
     root = Path(out_dir) / "layers"
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "plan.json").write_text(json.dumps({"layers": layers}))
+    where = _write_layers(plans, root)
     calib_specs = pruned_variants(specs[0], calibration, seed=1000) if calibration else []
     bundles = _variant_bundles([*calib_specs, *networks], Path(out_dir) / "networks")
     run_tf_side([root, *bundles], python)  # one TensorFlow start-up for the layers and the networks

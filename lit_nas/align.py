@@ -43,6 +43,15 @@ def aligned_keep(kept: int, size: int, step: int) -> int:
     return up if up < size or size % step == 0 else align_down(size, step)
 
 
+def collected_width(live: int, size: int, round_to: int) -> int:
+    """The width a group of ``size`` channels with ``live`` open ones has once collected.
+
+    Its live channels, rounded up to ``round_to`` with silent ones (at most ``size``), and never 0: a group
+    with none open keeps one silent channel.
+    """
+    return max(1, min(size, align_up(live, round_to)))
+
+
 def smaller_sizes(size: int, step: int) -> list[int]:
     """The aligned sizes a group of ``size`` channels can shrink to, widest first.
 
@@ -50,7 +59,7 @@ def smaller_sizes(size: int, step: int) -> list[int]:
     """
     if step <= 1:
         return list(range(size - 1, 0, -1))
-    return [k for k in range(align_down(size - 1, step), 0, -step) if k % step == 0]
+    return list(range((size - 1) // step * step, 0, -step))
 
 
 def check_round_to(who: str, round_to: Any) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from lit_nas.align import align_up
 from lit_nas.arch import ArchSpec
 
 
@@ -178,11 +179,6 @@ def _interp2(
     return float(np.interp(cin, cin_grid, rows))
 
 
-def align(channels: int, step: int) -> int:
-    """``channels`` rounded up to a multiple of ``step``: what a kernel that computes whole tiles does."""
-    return -(-channels // step) * step
-
-
 def table_point(t: dict[str, Any], cin: int, cout: int) -> tuple[int, int]:
     """Where a layer with ``cin -> cout`` channels is read in table ``t``.
 
@@ -190,8 +186,8 @@ def table_point(t: dict[str, Any], cin: int, cout: int) -> tuple[int, int]:
     is itself a grid point (such as the image's channels, measured as they are) is read as it is.
     """
     a, b = int(t.get("cin_step", 1)), int(t.get("cout_step", 1))
-    cin_at = cin if cin in t["cin"] else align(cin, a)
-    cout_at = cout if cout in t["cout"] else align(cout, b)
+    cin_at = cin if cin in t["cin"] else align_up(cin, a)
+    cout_at = cout if cout in t["cout"] else align_up(cout, b)
     return cin_at, cout_at
 
 

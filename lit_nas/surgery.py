@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_nas.align import align_up
+from lit_nas.align import collected_width
 from lit_nas.arch import ArchSpec
 from lit_nas.cost import CostReport, count_costs
 from lit_nas.gates import fold_gates, gated_groups
@@ -242,16 +242,12 @@ def collect_gated(
         if bool(live.all()):
             continue
         keep = live.nonzero().flatten()
-        want = min(gate.numel(), align_up(keep.numel(), round_to)) if round_to > 1 else keep.numel()
-        if want > keep.numel():  # silent channels fill the last tile
+        want = collected_width(keep.numel(), gate.numel(), round_to)
+        if want == gate.numel():
+            continue
+        if want > keep.numel():  # silent channels fill the last tile (or the one a closed group keeps)
             silent = (~live).nonzero().flatten()[: want - keep.numel()]
             keep = torch.sort(torch.cat([keep, silent])).values
-        if keep.numel() == gate.numel():
-            continue
-        if keep.numel() == 0:
-            keep = torch.zeros(1, dtype=torch.long)  # one silent channel stays
-            if gate.numel() == 1:
-                continue
         removed[name] = gate.numel() - keep.numel()
         remove_channels(net, name, keep, optimizers)
     return removed

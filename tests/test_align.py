@@ -243,11 +243,11 @@ def test_fisher_lands_the_event_that_reaches_the_target_on_the_closest_unit():
         return value({name: len(unit)}) if unit else None
 
     chosen = select_channels(scores, live, 40, step=STEP)  # many units: far past the target
-    landed = fisher._landing(m, scores, live, None, chosen)
+    landed = fisher._landing(fisher._collected(m), scores, live, None, chosen)
     (group,) = {k for k, _ in landed}  # one unit of one group
     v = value({group: len(landed)})
     assert value({k: sum(1 for c, _ in chosen if c == k) for k in sizes}) < v <= fisher.target
     assert all(a is None or a > fisher.target or a <= v for a in map(alone, sizes))  # the closest below
     few = select_channels(scores, live, 1, step=STEP)
     fisher.target = 0.5 * spec_cost(m.arch_spec, "flops")  # an event that does not reach it: unchanged
-    assert fisher._landing(m, scores, live, None, few) == few
+    assert fisher._landing(fisher._collected(m), scores, live, None, few) == few

@@ -22,12 +22,12 @@ from device_bench.staircase import (
     steps_of,
 )
 from lit_nas import DataShape, NetConfig
+from lit_nas.align import align_up
 from lit_nas.arch import ArchSpec
 from lit_nas.latency import (
     LatencyLUT,
     Layer,
     NoisyTableError,
-    align,
     channel_latency,
     detect_step,
     spec_layers,
@@ -89,7 +89,7 @@ def test_aligned_grids_are_multiples_of_the_step():
     assert grid(200, (4, 8, 16, 64, 128, 256), 8) == [8 * i for i in range(1, 9)] + [128, 200]
     assert grid(12, (4, 8, 16), 1) == [4, 8, 12]  # no tiles: the grid itself
     assert grid(12, (4, 8, 16), 0) == [4, 8, 12]  # smoothed tables: as before
-    assert align(9, 8) == 16 and align(16, 8) == 16 and align(1, 8) == 8
+    assert align_up(9, 8) == 16 and align_up(16, 8) == 16 and align_up(1, 8) == 8
 
 
 def staircase_lut(step_in: int, step_out: int, tiles_to=8):
@@ -163,7 +163,7 @@ def test_channel_latency_prices_a_step_with_aligned_tables():
     tables = plan_tables([spec], (4, 8, 16), {"conv3": (1, 8)})
     ms = {}
     for k, t in tables.items():
-        ms[k] = np.array([[1e-3 * align(ci, 8) * max(co, 1) for co in t.cout] for ci in t.cin])
+        ms[k] = np.array([[1e-3 * align_up(ci, 8) * max(co, 1) for co in t.cout] for ci in t.cin])
     lut = from_measurements(tables, ms, overhead_ms=0.0, sigma=0.0)
     net = build_net(spec)
     one = channel_latency(lut, net)  # one channel fewer: 15 channels cost what 16 do in the conv tables
