@@ -9,6 +9,7 @@ surgery) is rebuilt exactly when loaded.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -70,7 +71,7 @@ class MultiExitModule(L.LightningModule):
         data_shape: input channels, size and classes; linked from the datamodule by the CLI.
         exit_loss: weighting of the exits' losses.
         optimizer: optimizer settings.
-        lr_schedule: learning-rate schedule (per epoch).
+        lr_schedule: learning-rate schedule (per epoch or per optimizer step).
         thresholds: early-exit confidence thresholds reported at test time.
     """
 
@@ -285,7 +286,8 @@ class MultiExitModule(L.LightningModule):
     ) -> tuple[Tensor, ExitLogits, dict[int, Tensor]]:
         x, y = batch
         out = self(x)
-        loss, per_exit = multi_exit_loss(out, y, self.exit_weights())
+        smoothing = self.exit_loss.label_smoothing if stage == "train" else 0.0
+        loss, per_exit = multi_exit_loss(out, y, self.exit_weights(), smoothing)
         # Accumulate here, log once per epoch (_log_epoch): a self.log call costs ~0.7 ms on CPU, and a
         # dozen of them per step were 5% of a training step.
         for e, logits in out.items():
@@ -437,9 +439,17 @@ class MultiExitModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimizer over every parameter (inactive blocks receive no gradient and are skipped by it)."""
         opt = self.optimizer_config.build(self.param_groups())
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else 0
-        sched = self.lr_schedule_config.build(opt, max_epochs or 0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        cfg = self.lr_schedule_config
+        max_epochs = (self.trainer.max_epochs if self._trainer is not None else 0) or 0
+        if cfg.interval == "step":
+            # Called again by a restart (RetrainFromScratch, MorphNet's expansion): the schedule spans the
+            # epochs that remain. A resume restores the saved schedule over this one.
+            self.trainer.estimated_stepping_batches  # noqa: B018  (sets up the train loader: its length)
+            per = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+            sched = cfg.build(opt, max(1, max_epochs - self.current_epoch), per)
+        else:
+            sched = cfg.build(opt, max_epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": cfg.interval}}
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

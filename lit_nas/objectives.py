@@ -20,17 +20,22 @@ class ExitLossConfig:
         sdn_ramp: SDN schedule: the weight of every internal exit grows linearly from 0.01 at epoch 0 to its
             target at ``ramp_epochs`` (default: the whole run); the final exit keeps its weight.
         ramp_epochs: length of the ramp in epochs; ``None`` means ``max_epochs``.
+        label_smoothing: each exit's training cross-entropy against targets smoothed by this amount
+            (0 = off; 0.1 is the usual choice). Validation and test losses are always the plain cross-entropy.
     """
 
     weights: list[float] | None = None
     sdn_ramp: bool = False
     ramp_epochs: int | None = None
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weights is not None and any(w < 0 for w in self.weights):
             raise ValueError(f"exit loss weights must be >= 0; got {self.weights}")
         if self.ramp_epochs is not None and self.ramp_epochs < 1:
             raise ValueError(f"ramp_epochs must be >= 1; got {self.ramp_epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1); got {self.label_smoothing}")
 
     def check(self, num_blocks: int) -> None:
         """Raise if ``weights`` does not have one entry per block."""
@@ -65,9 +70,11 @@ def exit_weights(
 
 
 def multi_exit_loss(
-    outputs: ExitLogits, targets: Tensor, weights: dict[int, float]
+    outputs: ExitLogits, targets: Tensor, weights: dict[int, float], label_smoothing: float = 0.0
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """Weighted sum of per-exit cross-entropies; also returns each exit's (unweighted) loss."""
-    per_exit = {e: F.cross_entropy(logits, targets) for e, logits in outputs.items()}
+    per_exit = {
+        e: F.cross_entropy(logits, targets, label_smoothing=label_smoothing) for e, logits in outputs.items()
+    }
     total = torch.stack([weights[e] * loss for e, loss in per_exit.items()]).sum()
     return total, per_exit

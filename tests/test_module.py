@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
 
@@ -160,12 +161,71 @@ def test_cosine_schedule_reaches_zero():
     assert math.isclose(sched.base_lrs[0], 0.1)
 
 
+def test_warmup_cosine_per_step_through_the_trainer_and_a_resume(tmp_path):
+    """One epoch of warm-up rising linearly, a half cosine to 0 at the last step; a resume continues it."""
+    import lightning as L
+
+    seen: list[float] = []
+
+    class LR(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def fit(root, ckpt=None):
+        m = tiny_module(
+            optimizer=OptimizerConfig(lr=0.1),
+            lr_schedule=LRScheduleConfig(name="cosine", interval="step", warmup_epochs=1),
+        )
+        every = ModelCheckpoint(dirpath=root, filename="{epoch}", save_top_k=-1)
+        trainer = tiny_trainer(
+            root,
+            max_epochs=3,
+            callbacks=[LR(), every],
+            limit_train_batches=4,
+            limit_val_batches=1,
+            enable_checkpointing=True,
+        )
+        trainer.fit(m, datamodule=synthetic(), ckpt_path=ckpt)
+        return trainer
+
+    trainer = fit(tmp_path)
+    t = torch.arange(12, dtype=torch.float64)
+    expected = torch.where(t < 4, 0.1 * (t + 1) / 4, 0.05 * (1 + torch.cos(math.pi * (t - 4) / 8)))
+    assert seen == pytest.approx(expected.tolist(), abs=1e-12)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # a resume from the end of epoch 1 goes on with the same rates (closed form from the saved step)
+    seen.clear()
+    fit(tmp_path / "resumed", ckpt=str(tmp_path / "epoch=1.ckpt"))
+    assert seen == pytest.approx(expected[8:].tolist(), abs=1e-12)
+
+
+def test_label_smoothing_applies_to_training_only():
+    m = tiny_module(exit_loss=ExitLossConfig(label_smoothing=0.1))
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        train, out, _ = m._shared_step((x, y), "train")
+        val, _, _ = m._shared_step((x, y), "val")
+    smooth = sum(F.cross_entropy(lg, y, label_smoothing=0.1) for lg in out.logits)
+    plain = sum(F.cross_entropy(lg, y) for lg in out.logits)
+    torch.testing.assert_close(train, smooth)
+    torch.testing.assert_close(val, plain)
+    assert not torch.allclose(train, val)
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\); got 1.0"):
+        ExitLossConfig(label_smoothing=1.0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         (dict(milestones=[60, 35, 85]), "strictly increasing; got \\[60, 35, 85\\]"),
         (dict(milestones=[35, 60, 85], gammas=[0.1, 0.1]), "one gamma per milestone: got 2 gammas"),
         (dict(name="step"), "must be one of \\['multistep', 'cosine', 'constant'\\]; got 'step'"),
+        (
+            dict(interval="step"),
+            "interval: step and warmup_epochs are for name: cosine; got name 'multistep'",
+        ),
+        (dict(name="cosine", interval="batch"), "interval must be 'epoch' or 'step'; got 'batch'"),
+        (dict(name="cosine", warmup_epochs=0.5), "a whole number with interval: epoch\\); got 0.5"),
     ],
 )
 def test_bad_schedules_are_rejected(kwargs, message):
