@@ -145,44 +145,119 @@ def collect(study: Study) -> tuple[list[PointStats], list[dict[str, Any]]]:
     return sorted(stats.values(), key=lambda p: order.get(p.id, 10**6)), failed
 
 
-def at_equal_cost(point: PointStats, family: list[PointStats], cost: str) -> dict[str, float] | None:
-    """``point``'s accuracy minus ``family``'s at ``point``'s cost, with a 95% Welch interval.
+def _bracket(
+    point: PointStats, family: list[PointStats], cost: str
+) -> tuple[PointStats, PointStats, float] | None:
+    """The family's two points around ``point``'s cost and the log-cost weight of the upper one.
 
-    Returns ``None`` when the cost is outside the family's range (or not measured). A one-point family
-    counts only at its own cost (within 2%).
+    ``None`` when the cost is outside the family's range (or not measured); a one-point family brackets
+    only its own cost (within 2%).
     """
-    from scipy import stats as st
-
     c = point.mean(cost)
     fam = sorted((p for p in family if not math.isnan(p.mean(cost))), key=lambda p: p.mean(cost))
     if math.isnan(c) or not fam:
         return None
     if len(fam) == 1:
-        if abs(c - fam[0].mean(cost)) > 0.02 * fam[0].mean(cost):
-            return None
-        acc, sd, n = fam[0].mean(), fam[0].std(), fam[0].n
-    else:
-        lo, hi = fam[0].mean(cost), fam[-1].mean(cost)
-        if not lo <= c <= hi:
-            return None
-        j = next(i for i in range(1, len(fam)) if fam[i].mean(cost) >= c)
-        a, b = fam[j - 1], fam[j]
-        span = math.log(b.mean(cost)) - math.log(a.mean(cost))
-        w = 0.0 if span == 0 else (math.log(c) - math.log(a.mean(cost))) / span
-        acc = (1 - w) * a.mean() + w * b.mean()
-        sd = (1 - w) * a.std() + w * b.std()
-        n = min(a.n, b.n)
-    delta = point.mean() - acc
-    out = {"delta": delta, "baseline_acc": acc, "lo": math.nan, "hi": math.nan}
-    va, vb = point.std() ** 2 / point.n, sd**2 / n
-    if point.n > 1 and n > 1 and not math.isnan(va + vb):
-        se = math.sqrt(va + vb)
-        if se > 0:
-            dof = (va + vb) ** 2 / (va**2 / (point.n - 1) + vb**2 / (n - 1))
-            half = float(st.t.ppf(0.975, dof)) * se
-        else:
-            half = 0.0
-        out.update(lo=delta - half, hi=delta + half)
+        return (fam[0], fam[0], 0.0) if abs(c - fam[0].mean(cost)) <= 0.02 * fam[0].mean(cost) else None
+    if not fam[0].mean(cost) <= c <= fam[-1].mean(cost):
+        return None
+    j = next(i for i in range(1, len(fam)) if fam[i].mean(cost) >= c)
+    a, b = fam[j - 1], fam[j]
+    span = math.log(b.mean(cost)) - math.log(a.mean(cost))
+    return a, b, 0.0 if span == 0 else (math.log(c) - math.log(a.mean(cost))) / span
+
+
+def welch_interval(
+    mean_a: float, sd_a: float, n_a: int, mean_b: float, sd_b: float, n_b: int, level: float = 0.95
+) -> tuple[float, float]:
+    """Welch's interval for ``mean_a - mean_b`` from two samples' means, standard deviations and sizes."""
+    from scipy import stats as st
+
+    va, vb = sd_a**2 / n_a, sd_b**2 / n_b
+    if n_a < 2 or n_b < 2 or math.isnan(va + vb):
+        return math.nan, math.nan
+    delta = mean_a - mean_b
+    if va + vb == 0:
+        return delta, delta
+    dof = (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
+    half = float(st.t.ppf(0.5 + level / 2, dof)) * math.sqrt(va + vb)
+    return delta - half, delta + half
+
+
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-seed differences and its t interval (``n - 1`` degrees of freedom): (mean, lo, hi)."""
+    from scipy import stats as st
+
+    d = np.asarray(diffs, dtype=float)
+    mean = float(d.mean()) if len(d) else math.nan
+    if len(d) < 2:
+        return mean, math.nan, math.nan
+    half = float(st.t.ppf(0.5 + level / 2, len(d) - 1)) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return mean, mean - half, mean + half
+
+
+def detectable_difference(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest true mean difference a two-sided paired t test at ``alpha`` finds with ``power``.
+
+    Exact, from the noncentral t distribution: with ``n`` pairs whose differences spread by ``sd``, a true
+    difference of the returned size is declared nonzero in ``power`` of repeated studies. NaN for n < 2.
+    """
+    from scipy import optimize
+    from scipy import stats as st
+
+    if n < 2 or math.isnan(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    df, crit = n - 1, float(st.t.ppf(1 - alpha / 2, n - 1))
+
+    def shortfall(delta: float) -> float:
+        nc = delta * math.sqrt(n) / sd
+        return float(st.nct.sf(crit, df, nc) + st.nct.cdf(-crit, df, nc)) - power
+
+    hi = sd
+    while shortfall(hi) < 0:
+        hi *= 2
+    return float(optimize.brentq(shortfall, 0.0, hi, xtol=1e-12 * sd))
+
+
+def verdict(lo: float, hi: float) -> str:
+    """``wins`` (interval above 0), ``loses`` (below 0) or ``no verdict`` (contains 0, or none)."""
+    if math.isnan(lo) or math.isnan(hi):
+        return "no verdict"
+    return "wins" if lo > 0 else "loses" if hi < 0 else "no verdict"
+
+
+def at_equal_cost(point: PointStats, family: list[PointStats], cost: str) -> dict[str, Any] | None:
+    """``point``'s accuracy minus ``family``'s at ``point``'s cost: unpaired and paired by seed.
+
+    The family's accuracy at that cost is interpolated linearly in log(cost) between its two neighbouring
+    points (never extrapolated). Returns ``None`` when the cost is outside the family's range.
+
+    * ``delta``, ``lo``, ``hi``: difference of the means with a 95% Welch interval (the family's standard
+      deviation interpolated the same way).
+    * ``paired``, ``plo``, ``phi``, ``pairs``: trials of one seed share the data order and initialisation
+      stream, so per seed: the point's accuracy minus the family's interpolated at that seed, with a 95%
+      paired t interval over the seeds all three have.
+    * ``mdd``: the smallest difference the paired comparison detects at 80% power (its n and spread).
+    * ``verdict``: from the paired interval when there are pairs, else from Welch's.
+    """
+    bracket = _bracket(point, family, cost)
+    if bracket is None:
+        return None
+    a, b, w = bracket
+    acc = (1 - w) * a.mean() + w * b.mean()
+    sd = (1 - w) * a.std() + w * b.std()
+    lo, hi = welch_interval(point.mean(), point.std(), point.n, acc, sd, min(a.n, b.n))
+    out: dict[str, Any] = {"delta": point.mean() - acc, "baseline_acc": acc, "lo": lo, "hi": hi}
+    mine, at_a, at_b = (dict(zip(p.seeds, p.acc)) for p in (point, a, b))
+    diffs = [mine[s] - ((1 - w) * at_a[s] + w * at_b[s]) for s in sorted(mine) if s in at_a and s in at_b]
+    paired, plo, phi = paired_interval(diffs)
+    spread = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
+    out.update(
+        paired=paired, plo=plo, phi=phi, pairs=len(diffs), mdd=detectable_difference(spread, len(diffs))
+    )
+    out["verdict"] = verdict(plo, phi) if len(diffs) > 1 else verdict(lo, hi)
     return out
 
 
@@ -227,6 +302,10 @@ def _label(point: dict[str, Any]) -> str:
     )
 
 
+#: the comparison's fields in a row (``vs_<family>_<cost>_<field>``)
+COMPARISON = ("delta", "lo", "hi", "paired", "plo", "phi", "mdd", "verdict")
+
+
 def table_rows(spec: StudySpec, points: list[PointStats]) -> list[dict[str, Any]]:
     """One dict per grid point (searched and baseline): the CSV's rows."""
     found = {point_id(p.point): p for p in points if p.family == FOUND}
@@ -251,7 +330,7 @@ def table_rows(spec: StudySpec, points: list[PointStats]) -> list[dict[str, Any]
         for name, fam in families.items():
             for cost in COSTS:
                 d = at_equal_cost(p, fam, cost) if p.family == SEARCH else None
-                for part in ("delta", "lo", "hi"):
+                for part in COMPARISON:
                     row[f"vs_{name}_{cost}_{part}"] = None if d is None else d[part]
         rows.append(row)
     return rows
@@ -316,10 +395,51 @@ def markdown(
             sc, cpu = r["search_cost"], r["search_cost_cpu"]
             cells.append(("-" if sc is None else f"{sc:.2f}x") + ("" if cpu is None else f"; {cpu:.2f}x"))
             lines.append(f"| {r['point']} | " + " | ".join(cells) + " |")
+    if cols:
+        lines += _verdict_table(rows, cols)
     if failed:
         lines += ["", "Failed trials:", ""]
         lines += [f"- `{f['id']}`: {f.get('error', '?')}" for f in failed]
     return "\n".join(lines) + "\n"
+
+
+def _verdict_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> list[str]:
+    """Paired-by-seed differences with their verdicts, and the smallest difference the study can see."""
+    lines = [
+        "",
+        "Paired by seed: searched minus baseline at equal cost, mean over seeds (points; 95% paired "
+        "interval); the verdict; MDD: the smallest difference detected at 80% power with these seeds and "
+        "this spread",
+        "",
+        "| point | " + " | ".join(f"vs {f} at equal {c}" for f, c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    mdds = []
+    for r in rows:
+        if r["family"] != SEARCH:
+            continue
+        cells = []
+        for f, c in cols:
+            d, lo, hi, mdd, word = (r[f"vs_{f}_{c}_{k}"] for k in ("paired", "plo", "phi", "mdd", "verdict"))
+            if d is None:
+                cells.append("-")
+                continue
+            interval = "" if math.isnan(lo) else f" [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+            bold = f"**{word}**" if word != "no verdict" else word
+            cells.append(
+                f"{100 * d:+.2f}{interval} {bold}" + ("" if math.isnan(mdd) else f" (MDD {100 * mdd:.2f})")
+            )
+            if not math.isnan(mdd):
+                mdds.append(mdd)
+        lines.append(f"| {r['point']} | " + " | ".join(cells) + " |")
+    if mdds:
+        lines += [
+            "",
+            f"Minimal detectable difference: {100 * min(mdds):.2f} to {100 * max(mdds):.2f} points; "
+            f"no verdict is possible below {100 * max(mdds):.2f} points for every comparison"
+            + (" (more than the 0.5 point the studies aim at: add seeds)." if max(mdds) > 0.005 else "."),
+        ]
+    return lines
 
 
 def plot(spec: StudySpec, points: list[PointStats], cost: str, path: Path) -> Path | None:

@@ -20,8 +20,11 @@ from lit_nas_study.report import (
     PointStats,
     at_equal_cost,
     collect,
+    detectable_difference,
     final_exit,
+    paired_interval,
     pareto_front,
+    verdict,
     write_report,
 )
 from lit_nas_study.runner import Study, run_study
@@ -313,6 +316,42 @@ def test_equal_cost_difference_interpolates_in_log_cost_and_matches_welch():
     # never extrapolated
     assert at_equal_cost(_point(SEARCH, [0.9, 0.9], 50.0), fam, "params") is None
     assert at_equal_cost(_point(SEARCH, [0.9, 0.9], 20_000.0), fam, "params") is None
+
+
+def test_paired_difference_is_scipys_paired_t_interval_at_the_same_seeds():
+    fam = [_point("b", [0.80, 0.82, 0.81, 0.83], 100.0), _point("b", [0.90, 0.91, 0.92, 0.90], 10_000.0)]
+    searched = _point("search", [0.87, 0.88, 0.86], 1000.0)  # seeds 0-2: seed 3 has no pair
+    d = at_equal_cost(searched, fam, "params")
+    base = [(x + y) / 2 for x, y in zip([0.80, 0.82, 0.81], [0.90, 0.91, 0.92])]  # halfway in log(cost)
+    ref = stats.ttest_rel([0.87, 0.88, 0.86], base).confidence_interval(0.95)
+    assert d["pairs"] == 3
+    assert d["paired"] == pytest.approx(np.mean(np.subtract([0.87, 0.88, 0.86], base)))
+    assert (d["plo"], d["phi"]) == pytest.approx((ref.low, ref.high))
+    # pairing removes what the seeds share: the same shift per seed gives a zero-width interval
+    shifted = _point("search", [a + 0.01 for a in [0.80, 0.82, 0.81, 0.83]], 100.0)
+    d = at_equal_cost(shifted, fam, "params")
+    assert (d["plo"], d["phi"]) == pytest.approx((0.01, 0.01)) and d["verdict"] == "wins"
+    assert d["lo"] < 0 < d["hi"]  # while Welch's interval cannot tell it from 0
+    assert paired_interval([0.01])[1:] == (pytest.approx(math.nan, nan_ok=True),) * 2
+
+
+def test_verdicts_name_wins_loses_and_no_verdict():
+    assert verdict(0.001, 0.01) == "wins"
+    assert verdict(-0.01, -0.001) == "loses"
+    assert verdict(-0.01, 0.01) == "no verdict"
+    assert verdict(math.nan, math.nan) == "no verdict"
+
+
+@pytest.mark.parametrize(("sd", "n"), [(0.004, 3), (0.004, 5), (0.01, 10)])
+def test_detectable_difference_has_80_percent_power_by_simulation(sd, n):
+    """At the returned difference, a paired t test at 5% rejects in 80% of simulated studies."""
+    mdd = detectable_difference(sd, n)
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(mdd, sd, size=(40_000, n))
+    p = stats.ttest_1samp(diffs, 0.0, axis=1).pvalue
+    assert float(np.mean(p < 0.05)) == pytest.approx(0.80, abs=0.01)
+    assert detectable_difference(sd, 2 * n) < mdd  # more seeds, smaller differences visible
+    assert math.isnan(detectable_difference(sd, 1)) and detectable_difference(0.0, 3) == 0.0
 
 
 def test_pareto_front_keeps_only_undominated_points():
