@@ -22,6 +22,7 @@ import logging
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -31,7 +32,7 @@ from callbacks.luts import check_covers, lut_for
 from callbacks.searches import GROUP_SCOPES, refuse_trainable_gates, refuse_two_searches, scoped_groups
 from lit_nas.align import check_round_to, resolve_round_to
 from lit_nas.cost import CostReport, channel_flops, count_costs, spec_cost
-from lit_nas.fisher import FisherAccumulator, select_channels
+from lit_nas.fisher import CRITERIA, FisherAccumulator, l1_scores, random_scores, select_channels
 from lit_nas.gates import attach_gates, close_channels, gated_groups
 from lit_nas.latency import channel_latency
 from lit_nas.plots import channel_chart
@@ -80,6 +81,10 @@ class FisherPruning(Callback):
             per step; every pruned group ends aligned. The event that reaches a ``params``/``flops``/
             ``latency`` target takes the one unit that lands closest below it.
             ``None``: the table's step (1 without a table).
+        criterion: what ranks the channels: ``fisher`` (``Delta_k``, the method), or a control that tells
+            whether the signal matters, everything else (schedule, cost, alignment, target) unchanged:
+            ``l1`` (:func:`lit_nas.fisher.l1_scores`, the L1 norm of the producing filters) or ``random``
+            (:func:`lit_nas.fisher.random_scores`, drawn from the run's seed and the step).
     """
 
     changes: ClassVar[SearchChanges] = "width"  # an ArchitectureSearch (lit_nas.protocol)
@@ -96,8 +101,11 @@ class FisherPruning(Callback):
         start_epoch: int = 0,
         lut: str | None = None,
         round_to: int | None = None,
+        criterion: Literal["fisher", "l1", "random"] = "fisher",
     ) -> None:
         super().__init__()
+        check_choice(_WHO, "criterion", criterion, CRITERIA)
+        self.criterion = criterion
         check_round_to(_WHO, round_to)
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"FisherPruning every_n_steps must be an integer >= 1; got {every_n_steps!r}")
@@ -212,6 +220,10 @@ class FisherPruning(Callback):
         gates = gated_groups(module.net)
         scores = self._acc.scores()
         live = {g: gates[g].detach() != 0 for g in scores}
+        if self.criterion == "l1":
+            scores = l1_scores(module.net, scores)
+        elif self.criterion == "random":  # the run's seed and the step: a resume draws the same
+            scores = random_scores(live, (torch.initial_seed() + trainer.global_step) % 2**63)
         landing = self.round_to > 1 and self.target is not None and self.stop_at != "channels"
         before = self._collected(module) if landing or self.cost == "latency" else None
         costs: dict[str, float] | None = None

@@ -185,6 +185,43 @@ class FisherAccumulator:
         self._live = {k: v.to(device) for k, v in state["live"].items()}
 
 
+#: what ranks the channels: the Fisher signal, or one of the two controls that tell whether it matters
+CRITERIA = ("fisher", "l1", "random")
+
+
+def l1_scores(net: nn.Module, groups: Iterable[str]) -> dict[str, Tensor]:
+    """L1 norm of each channel's filters (Li et al. 2017), summed over the convolutions producing it.
+
+    A control for the Fisher signal: the magnitude of the weights, no data. A group's score per channel is
+    the sum over its producing convolutions (and linear layers) of ``|W|`` over that output channel's
+    filter; producers that are not weight layers (BatchNorm) do not count.
+    """
+    modules = dict(net.named_modules())
+    by_name = {g.name: g for g in net.channel_groups()}  # type: ignore[operator]
+    widths = {name: gate.numel() for name, gate in gated_groups(net).items()}
+    out = {}
+    for name in groups:
+        width = widths[name]
+        total = torch.zeros(width, dtype=torch.float64)
+        for where in by_name[name].producers:
+            m = modules[where.module]
+            if where.dim != 0 or not isinstance(m, nn.Conv2d | nn.Linear):
+                continue
+            w = m.weight.detach().narrow(0, where.start, width * where.per_channel)
+            total += w.reshape(width, -1).abs().sum(1).double().cpu()
+        out[name] = total
+    return out
+
+
+def random_scores(live: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """Uniform random scores per channel from ``seed``: the control that uses no information at all.
+
+    The same seed gives the same scores (a resume and every process of a DDP run agree).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return {group: torch.rand(mask.shape, generator=gen, dtype=torch.float64) for group, mask in live.items()}
+
+
 def select_channels(
     scores: Mapping[str, Tensor],
     live: Mapping[str, Tensor],

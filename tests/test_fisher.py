@@ -12,7 +12,7 @@ from torch import nn
 
 from callbacks import FisherPruning, GarbageCollection
 from lit_nas import DataShape, NetConfig, build_net
-from lit_nas.fisher import FisherAccumulator, select_channels
+from lit_nas.fisher import FisherAccumulator, l1_scores, select_channels
 from lit_nas.gates import attach_gates, gated_groups
 from tests.helpers import TINY, tiny_module, tiny_trainer
 from tests.helpers import tiny_data as data
@@ -122,12 +122,18 @@ def run(tmp_path, module, callbacks, max_epochs, ckpt_path=None):
     return trainer
 
 
-def test_flops_pruning_resumes_exactly_from_a_collected_checkpoint(tmp_path):
+@pytest.mark.parametrize("criterion", ["fisher", "random"])
+def test_flops_pruning_resumes_exactly_from_a_collected_checkpoint(tmp_path, criterion):
     """Stop after epoch 1 (two events collected, one half-accumulated window), resume: bit-identical."""
 
     def callbacks(d):
         fisher = FisherPruning(
-            every_n_steps=3, per_step=1, cost="flops", stop_at="flops", target_fraction=0.8
+            every_n_steps=3,
+            per_step=1,
+            cost="flops",
+            stop_at="flops",
+            target_fraction=0.8,
+            criterion=criterion,
         )
         return fisher, [fisher, GarbageCollection(after_prune=True), ModelCheckpoint(d, save_top_k=-1)]
 
@@ -148,9 +154,53 @@ def test_flops_pruning_resumes_exactly_from_a_collected_checkpoint(tmp_path):
     )
 
 
+def test_l1_scores_sum_each_channels_filters_over_the_producing_convolutions():
+    module = tiny_module(net=dict(dense=False))
+    net = module.net
+    groups = {g.name: g for g in net.channel_groups()}
+    attach_gates(net, list(groups))
+    scores = l1_scores(net, list(groups))
+    modules = dict(net.named_modules())
+    for name, g in groups.items():
+        convs = [modules[w.module] for w in g.producers if isinstance(modules[w.module], torch.nn.Conv2d)]
+        assert convs, name
+        manual = sum(c.weight.detach().abs().sum(dim=(1, 2, 3)).double() for c in convs)
+        torch.testing.assert_close(scores[name], manual)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "random"])
+def test_the_controls_choose_the_lowest_of_their_own_scores(tmp_path, monkeypatch, criterion):
+    import callbacks.fisher as cb
+
+    seen = []
+    real = cb.l1_scores if criterion == "l1" else cb.random_scores
+
+    def spy(*args):
+        seen.append({g: v.clone() for g, v in real(*args).items()})
+        return seen[-1]
+
+    monkeypatch.setattr(cb, f"{criterion}_scores", spy)
+    fisher = FisherPruning(every_n_steps=2, per_step=2, target_fraction=0.8, criterion=criterion)
+    tiny_trainer(tmp_path, max_epochs=2, callbacks=[fisher]).fit(tiny_module(), datamodule=data())
+    assert len(seen) == len(fisher.history) >= 2
+    for i, (scores, (_, chosen, _)) in enumerate(zip(seen, fisher.history)):
+        live = {g: torch.ones_like(v, dtype=torch.bool) for g, v in scores.items()}
+        for _, earlier, _ in fisher.history[:i]:  # closed by earlier events (no GC: the widths stay)
+            for g, k in earlier:
+                live[g][k] = False
+        assert [tuple(c) for c in chosen] == select_channels(scores, live, 2)
+    if criterion == "random":  # the run's seed decides: another seed, other channels
+        again = FisherPruning(every_n_steps=2, per_step=2, target_fraction=0.8, criterion=criterion)
+        module = tiny_module()  # the same start (tiny_module seeds its weights), another run seed
+        torch.manual_seed(123)
+        tiny_trainer(tmp_path / "b", max_epochs=2, callbacks=[again]).fit(module, datamodule=data())
+        assert again.history[0][1] != fisher.history[0][1]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        (dict(criterion="taylor"), r"FisherPruning criterion must be one of \['fisher', 'l1', 'random'\]"),
         (
             dict(cost="params"),
             r"FisherPruning cost must be one of \['none', 'flops', 'latency'\]; got 'params'",
