@@ -189,28 +189,31 @@ class FisherAccumulator:
 CRITERIA = ("fisher", "l1", "random")
 
 
-def l1_scores(net: nn.Module, groups: Iterable[str]) -> dict[str, Tensor]:
-    """L1 norm of each channel's filters (Li et al. 2017), summed over the convolutions producing it.
+def filter_norms(net: nn.Module, group: str, p: int = 2) -> Tensor:
+    """``sum |w|^p`` over the filters producing each channel of ``group``, summed over its producers.
 
-    A control for the Fisher signal: the magnitude of the weights, no data. A group's score per channel is
-    the sum over its producing convolutions (and linear layers) of ``|W|`` over that output channel's
-    filter; producers that are not weight layers (BatchNorm) do not count.
+    ``p = 2``: the squared L2 norm NetAdapt ranks by; ``p = 1``: the L1 norm of Li et al. (2017). BatchNorm
+    producers do not count: the producing conv's filters carry the norm (a BN's scale is another criterion).
     """
+    g = {c.name: c for c in net.channel_groups()}[group]  # type: ignore[operator]
     modules = dict(net.named_modules())
-    by_name = {g.name: g for g in net.channel_groups()}  # type: ignore[operator]
-    widths = {name: gate.numel() for name, gate in gated_groups(net).items()}
-    out = {}
-    for name in groups:
-        width = widths[name]
-        total = torch.zeros(width, dtype=torch.float64)
-        for where in by_name[name].producers:
-            m = modules[where.module]
-            if where.dim != 0 or not isinstance(m, nn.Conv2d | nn.Linear):
-                continue
-            w = m.weight.detach().narrow(0, where.start, width * where.per_channel)
-            total += w.reshape(width, -1).abs().sum(1).double().cpu()
-        out[name] = total
-    return out
+    total = torch.zeros(g.size, dtype=torch.float64)
+    for where in g.producers:
+        m = modules[where.module]
+        if isinstance(m, nn.BatchNorm2d):
+            continue
+        w = m.weight.detach().double().transpose(0, where.dim) if where.dim else m.weight.detach().double()
+        w = w.flatten(1).abs().pow(p).sum(1)
+        total += w[where.start : where.start + g.size * where.per_channel].view(g.size, -1).sum(1).cpu()
+    return total
+
+
+def l1_scores(net: nn.Module, groups: Iterable[str]) -> dict[str, Tensor]:
+    """L1 norm of each channel's filters (:func:`filter_norms` with ``p = 1``), per group.
+
+    A control for the Fisher signal: the magnitude of the weights, no data.
+    """
+    return {name: filter_norms(net, name, 1) for name in groups}
 
 
 def random_scores(live: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:

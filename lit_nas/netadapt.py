@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lit_nas.align import smaller_sizes
 from lit_nas.arch import ArchSpec
-from lit_nas.fisher import FisherAccumulator
+from lit_nas.fisher import FisherAccumulator, filter_norms
 from lit_nas.gates import attach_gates
 from lit_nas.nets.base import MultiExitNet
 from lit_nas.objectives import multi_exit_loss
@@ -97,17 +97,7 @@ def channels_to_cut(
 
 def l2_scores(net: MultiExitNet, group: str) -> Tensor:
     """Squared L2 norm of the filters producing each channel of ``group`` (summed over its producers)."""
-    g = {c.name: c for c in net.channel_groups()}[group]
-    modules = dict(net.named_modules())
-    total = torch.zeros(g.size, dtype=torch.float64)
-    for where in g.producers:
-        m = modules[where.module]
-        if isinstance(m, nn.BatchNorm2d):
-            continue  # the producing conv's filters carry the norm; a BN's scale is another criterion
-        w = m.weight.detach().double().transpose(0, where.dim) if where.dim else m.weight.detach().double()
-        w = w.flatten(1).pow(2).sum(1)
-        total += w[where.start : where.start + g.size * where.per_channel].view(g.size, -1).sum(1).cpu()
-    return total
+    return filter_norms(net, group, 2)
 
 
 def fisher_scores_of(

@@ -131,7 +131,7 @@ class LRScheduleConfig:
                     stacklevel=2,
                 )
             return MultiStepGammaLR(optimizer, self.milestones, self.gammas)
-        if self.name == "cosine":
+        if self.name == "cosine":  # kept (not WarmupCosineLR): existing checkpoints resume its state
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
 
